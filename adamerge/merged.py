@@ -1,0 +1,320 @@
+"""MergedModel: one differentiable functional merged model for every granularity.
+
+``θ(λ, m) = θ0 + Σ_t λ[t, g(k)] · (m_t,k ⊙ τ_t,k)`` for each merged tensor k, recomputed inside
+every forward from the current coefficients (there is no re-merge call to forget) and run through
+``torch.func.functional_call`` on a copy of the architecture that lives on the ``meta`` device, so
+the base weights are held once: base + stacked τ + one merged copy + its gradient, (T + 3) model
+sizes at most. The coefficients are the only ``nn.Parameter``; everything else is a
+non-persistent buffer, so ``state_dict()`` (and a Lightning checkpoint) holds kilobytes.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from adamerge.errors import InputError
+from adamerge.granularity import Grouping, Spec, make_grouping
+from adamerge.task_vectors import TaskVectors
+
+BUFFER_POLICIES = ("base", "average", "reestimate")
+
+
+class _WeightedSum(torch.autograd.Function):
+    """``Σ_t w[t] * τ[t]`` over the leading axis, in ``w``'s dtype, saving only references.
+
+    ``w`` is ``[T]`` (one coefficient per task) or broadcastable to ``τ`` (element coefficients,
+    masks). Autograd's tensordot would keep a converted copy of a bfloat16 τ alive until the
+    backward; this converts on the fly in both passes instead.
+    """
+
+    @staticmethod
+    def forward(ctx, weights: Tensor, tau: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(weights, tau)
+        t = tau.to(weights.dtype)
+        if weights.dim() == 1:
+            return torch.tensordot(weights, t, dims=1)
+        return (weights * t).sum(0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        weights, tau = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        t = tau.to(grad.dtype)
+        if weights.dim() == 1:
+            return t.reshape(t.shape[0], -1) @ grad.reshape(-1), None
+        return (t * grad).sum_to_size(weights.shape), None
+
+
+def weighted_sum(weights: Tensor, tau: Tensor) -> Tensor:
+    """Differentiable (in ``weights``) sum of the stacked task vectors ``tau`` over tasks."""
+    return _WeightedSum.apply(weights, tau)
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` whose parameters and buffers are storage-free meta tensors."""
+    memo: dict[int, object] = {}
+    for p in model.parameters():
+        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+    for b in model.buffers():
+        memo[id(b)] = torch.empty_like(b, device="meta")
+    arch = copy.deepcopy(model, memo)
+    return arch.eval()
+
+
+class MergedModel(nn.Module):
+    """A merged model whose merge coefficients (``[T, G]``) are the only trainable parameter.
+
+    Args:
+        model: the architecture (its own weights are not used; the base weights come from ``tv``).
+        task_vectors: base state and stacked task vectors whose keys match ``model.state_dict()``.
+        granularity: ``task``, ``block``, ``layer``, ``partition:R[:random]`` or a list of rules
+            (see :mod:`adamerge.granularity`).
+        init: initial applied coefficient: a float, or a tensor broadcastable to ``[T, G]``.
+        clamp: ``(low, high)`` box applied in the forward (the raw parameter is unbounded; the
+            gradient is zero outside the box, as in AdaMerging), or ``None``.
+        simplex: parametrise each group's T coefficients as a softmax (they sum to one);
+            ``init`` then gives relative weights. Excludes ``clamp``.
+        buffer_policy: floating buffers such as BatchNorm statistics are not task vectors:
+            ``base`` keeps θ0's, ``average`` takes the experts' mean, ``reestimate`` starts from
+            θ0's and is refreshed by :meth:`reestimate_buffers` on unlabeled data.
+        seed: seed of random partitions.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task_vectors: TaskVectors,
+        granularity: Spec = "layer",
+        init: float | Tensor = 0.3,
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+        simplex: bool = False,
+        buffer_policy: str = "base",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        tv = task_vectors
+        if buffer_policy not in BUFFER_POLICIES:
+            raise InputError(f"buffer_policy must be one of {BUFFER_POLICIES}, got '{buffer_policy}'")
+        if simplex and clamp is not None:
+            raise InputError("choose either clamp=(low, high) or simplex=True, not both")
+        self.task_names = list(tv.task_names)
+        self.buffer_policy = buffer_policy
+        self.clamp = tuple(clamp) if clamp is not None else None
+        self.simplex = simplex
+        self._check_keys(model, tv)
+
+        persistent = model.state_dict()
+        param_names = [n for n, _ in model.named_parameters()]
+        self.merge_keys: list[str] = param_names
+        self.buffer_keys: list[str] = [k for k in persistent if k not in set(param_names)]
+        self.extra_buffer_keys: list[str] = [
+            n for n, _ in model.named_buffers() if n not in persistent
+        ]
+        # not registered as a submodule: its meta tensors must not be moved, cast or saved
+        object.__setattr__(self, "_arch", _meta_copy(model))
+        self.grouping: Grouping = make_grouping(
+            granularity, {k: tv.base[k].shape for k in self.merge_keys}, seed=seed
+        )
+        for i, k in enumerate(self.merge_keys):
+            self.register_buffer(f"_base{i}", tv.base[k], persistent=False)
+            self.register_buffer(f"_tau{i}", tv.vectors[k], persistent=False)
+        for i, k in enumerate(self.buffer_keys):
+            value = tv.base[k]
+            if buffer_policy == "average" and k in tv.vectors:
+                value = (value + tv.vectors[k].to(value.dtype).mean(0)).to(value.dtype)
+            self.register_buffer(f"_buf{i}", value.clone(), persistent=False)
+        named_buffers = dict(model.named_buffers())
+        for i, k in enumerate(self.extra_buffer_keys):
+            self.register_buffer(f"_extra{i}", named_buffers[k].detach().clone(), persistent=False)
+
+        T, G = len(self.task_names), self.grouping.num_groups
+        init_t = torch.as_tensor(init, dtype=torch.float32)
+        try:
+            if init_t.dim() == 1 and init_t.numel() == T:  # one value per task
+                init_t = init_t[:, None]
+            init_t = init_t.expand(T, G).clone()
+        except RuntimeError:
+            raise InputError(f"init of shape {tuple(init_t.shape)} does not fit coefficients [{T}, {G}]") from None
+        if simplex:
+            if (init_t <= 0).any():
+                raise InputError("simplex coefficients need a positive init")
+            init_t = init_t.log()
+        self.coefficients = nn.Parameter(init_t)
+        self.masks: dict[str, Tensor] | None = None
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_keys(model: nn.Module, tv: TaskVectors) -> None:
+        sd = model.state_dict()
+        for key in sd:
+            if key not in tv.base:
+                raise InputError(f"model key '{key}' is missing from the task vectors' base state dict")
+        for key in tv.base:
+            if key not in sd:
+                raise InputError(f"task vectors hold key '{key}' that the model does not have")
+        for key, value in sd.items():
+            if tuple(value.shape) != tuple(tv.base[key].shape):
+                raise InputError(
+                    f"key '{key}': model shape {tuple(value.shape)} != task-vector base shape"
+                    f" {tuple(tv.base[key].shape)}"
+                )
+        for name, p in model.named_parameters():
+            if not p.is_floating_point():
+                raise InputError(f"parameter '{name}' is not floating point and cannot be merged")
+
+    # ------------------------------------------------------------------ coefficients
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def group_names(self) -> list[str]:
+        return self.grouping.group_names
+
+    def group_index(self, param_name: str) -> int:
+        """The coefficient group of a parameter (for a partitioned tensor: its first group)."""
+        try:
+            return self.grouping.tensor_group[param_name]
+        except KeyError:
+            raise InputError(f"'{param_name}' is not a merged parameter") from None
+
+    def applied_coefficients(self) -> Tensor:
+        """The coefficients as the merge uses them (after clamp or softmax), ``[T, G]``."""
+        c = self.coefficients
+        if self.simplex:
+            return torch.softmax(c, dim=0)
+        if self.clamp is not None:
+            return c.clamp(*self.clamp)
+        return c
+
+    @torch.no_grad()
+    def set_coefficients(self, values: Tensor) -> None:
+        """Set the applied coefficients (inverse of the parametrisation), e.g. from a saved run."""
+        values = torch.as_tensor(values, dtype=self.coefficients.dtype).expand_as(self.coefficients)
+        self.coefficients.copy_(values.clamp_min(1e-12).log() if self.simplex else values)
+
+    # ------------------------------------------------------------------ the merge
+    def _tensor(self, prefix: str, i: int) -> Tensor:
+        return getattr(self, f"{prefix}{i}")
+
+    def merged_parameters(self, masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """θ0 + Σ_t λ_t ⊙ (m_t ⊙ τ_t) for every merged parameter (differentiable in λ and m).
+
+        ``masks`` (default ``self.masks``) maps a parameter name to a mask of its shape (shared by
+        the tasks) or ``[T, *shape]`` (one per task); unlisted parameters are unmasked.
+        """
+        masks = self.masks if masks is None else masks
+        coef = self.applied_coefficients()
+        out: dict[str, Tensor] = {}
+        chunks = self.grouping.chunks
+        for i, key in enumerate(self.merge_keys):
+            base, tau = self._tensor("_base", i), self._tensor("_tau", i)
+            if key in chunks:
+                weights = chunks[key].expand(coef).reshape(tau.shape[0], *tau.shape[1:])
+            else:
+                weights = coef[:, self.grouping.tensor_group[key]]
+            mask = masks.get(key) if masks else None
+            if mask is not None:
+                if weights.dim() == 1:
+                    weights = weights.reshape(-1, *([1] * (tau.dim() - 1)))
+                weights = weights * mask
+            out[key] = base + weighted_sum(weights, tau).to(base.dtype)
+        return out
+
+    def current_buffers(self) -> dict[str, Tensor]:
+        """Buffers used in the forward: persistent ones (per policy) and non-persistent ones."""
+        out = {k: self._tensor("_buf", i) for i, k in enumerate(self.buffer_keys)}
+        out.update({k: self._tensor("_extra", i) for i, k in enumerate(self.extra_buffer_keys)})
+        return out
+
+    def forward(self, *args, **kwargs):
+        state = {**self.merged_parameters(), **self.current_buffers()}
+        return functional_call(self._arch, state, args, kwargs)
+
+    # ------------------------------------------------------------------ results
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, Tensor]:
+        """Detached merged parameters and buffers, with the same keys as the base model."""
+        merged = self.merged_parameters()
+        buffers = self.current_buffers()
+        keys = [k for k in self._arch.state_dict()]
+        return {k: (merged[k] if k in merged else buffers[k]).detach().clone() for k in keys}
+
+    @torch.no_grad()
+    def to_module(self) -> nn.Module:
+        """A plain ``nn.Module`` (a copy of the architecture) holding the merged weights."""
+        state = {**self.merged_parameters(), **self.current_buffers()}
+        memo: dict[int, object] = {}
+        for name, p in self._arch.named_parameters():
+            memo[id(p)] = nn.Parameter(state[name].detach().clone())
+        for name, b in self._arch.named_buffers():
+            memo[id(b)] = state[name].detach().clone()
+        return copy.deepcopy(self._arch, memo).eval()
+
+    @torch.no_grad()
+    def reestimate_buffers(self, batches: Iterable) -> int:
+        """Recompute BatchNorm running statistics with the current merged weights.
+
+        Runs the architecture in training mode (cumulative averages, momentum=None) over
+        ``batches`` (each a tensor or a tuple of forward arguments) and stores the result as the
+        buffers used from now on. Returns the number of batches seen.
+        """
+        bns = [m for m in self._arch.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        state = {**self.merged_parameters(), **{k: v.clone() for k, v in self.current_buffers().items()}}
+        prefix = {id(m): n for n, m in self._arch.named_modules()}
+        for m in bns:
+            p = prefix[id(m)] + "." if prefix[id(m)] else ""
+            if m.track_running_stats:
+                state[p + "running_mean"].zero_()
+                state[p + "running_var"].fill_(1.0)
+                state[p + "num_batches_tracked"].zero_()
+        momenta = [m.momentum for m in bns]
+        seen = 0
+        try:
+            for m in bns:
+                m.momentum = None
+            self._arch.train()
+            for batch in batches:
+                args = batch if isinstance(batch, (tuple, list)) else (batch,)
+                functional_call(self._arch, state, tuple(args))
+                seen += 1
+        finally:
+            for m, mom in zip(bns, momenta):
+                m.momentum = mom
+            self._arch.eval()
+        if seen == 0:
+            raise InputError("reestimate_buffers: the batch stream is empty")
+        for i, k in enumerate(self.buffer_keys):
+            self._tensor("_buf", i).copy_(state[k])
+        return seen
+
+    def train(self, mode: bool = True) -> "MergedModel":
+        """Only the flag changes: the merged backbone always runs in eval mode (BatchNorm uses the
+        policy's buffers, dropout is off); use :meth:`reestimate_buffers` to adapt statistics."""
+        super().train(mode)
+        self._arch.eval()
+        return self
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes held, by kind: base, task vectors, buffers, coefficients."""
+        size = lambda prefix, n: sum(  # noqa: E731
+            self._tensor(prefix, i).numel() * self._tensor(prefix, i).element_size() for i in range(n)
+        )
+        return {
+            "base": size("_base", len(self.merge_keys)),
+            "task_vectors": size("_tau", len(self.merge_keys)),
+            "buffers": size("_buf", len(self.buffer_keys)) + size("_extra", len(self.extra_buffer_keys)),
+            "coefficients": self.coefficients.numel() * self.coefficients.element_size(),
+        }
+
+    def extra_repr(self) -> str:
+        return (
+            f"tasks={self.task_names}, granularity={self.grouping.spec!r},"
+            f" coefficients={tuple(self.coefficients.shape)}, clamp={self.clamp},"
+            f" simplex={self.simplex}, buffer_policy={self.buffer_policy!r}"
+        )

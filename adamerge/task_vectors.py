@@ -1,0 +1,208 @@
+"""Task vectors τ_t = θ_t − θ0, validated once and stored stacked per tensor as ``[T, *shape]``.
+
+Stacking lets the merge of one tensor be a single weighted sum over the leading axis instead of a
+Python loop over tasks, and bfloat16 storage halves the memory of the stack (the merge itself is
+computed in float32 or higher). Every floating-point entry of the state dict gets a stacked task
+vector, parameters and floating buffers (BatchNorm statistics) alike; which of them are merged and
+which follow a buffer policy is decided by :class:`adamerge.merged.MergedModel`, which knows the
+module. Integer buffers (``num_batches_tracked``) are kept from the base.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.errors import InputError
+
+StateDict = Mapping[str, Tensor]
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _check_finite(sd: StateDict, source: str) -> None:
+    for key, value in sd.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise InputError(f"{source}: tensor '{key}' has non-finite values (NaN or inf)")
+
+
+def _check_same_layout(base: StateDict, other: StateDict, base_src: str, other_src: str) -> None:
+    missing = [k for k in base if k not in other]
+    if missing:
+        raise InputError(
+            f"{other_src}: missing key '{missing[0]}' present in {base_src}"
+            f" ({len(missing)} missing in all)"
+        )
+    extra = [k for k in other if k not in base]
+    if extra:
+        raise InputError(
+            f"{other_src}: unexpected key '{extra[0]}' not in {base_src} ({len(extra)} extra in all)"
+        )
+    for key, value in base.items():
+        ov = other[key]
+        if ov.shape != value.shape:
+            raise InputError(
+                f"{other_src}: tensor '{key}' has shape {tuple(ov.shape)},"
+                f" {base_src} has {tuple(value.shape)}"
+            )
+        if ov.dtype != value.dtype:
+            raise InputError(
+                f"{other_src}: tensor '{key}' has dtype {ov.dtype}, {base_src} has {value.dtype}"
+            )
+
+
+class TaskVectors:
+    """The pretrained state ``base`` and stacked task vectors ``vectors[key]: [T, *shape]``.
+
+    Build with :meth:`from_state_dicts`, :meth:`from_modules` or :meth:`from_files`. Experts are
+    consumed one at a time, so peak memory is base + stack + one expert.
+    """
+
+    def __init__(
+        self,
+        base: dict[str, Tensor],
+        vectors: dict[str, Tensor],
+        task_names: list[str],
+        sources: dict[str, str] | None = None,
+    ) -> None:
+        self.base = base
+        self.vectors = vectors
+        self.task_names = list(task_names)
+        self.sources = dict(sources or {})
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_state_dicts(
+        cls,
+        base: StateDict,
+        experts: Mapping[str, StateDict],
+        *,
+        dtype: str | torch.dtype = torch.float32,
+        keys: Iterable[str] | None = None,
+        base_source: str = "base state dict",
+    ) -> "TaskVectors":
+        """Validate and stack ``experts[name] - base``; ``keys`` restricts the state to those keys."""
+        return cls._build(
+            base,
+            ((name, (lambda sd=sd: sd), f"expert '{name}'") for name, sd in experts.items()),
+            len(experts),
+            dtype=dtype,
+            keys=keys,
+            base_source=base_source,
+        )
+
+    @classmethod
+    def from_modules(
+        cls,
+        base: nn.Module,
+        experts: Mapping[str, nn.Module],
+        *,
+        dtype: str | torch.dtype = torch.float32,
+    ) -> "TaskVectors":
+        """Same as :meth:`from_state_dicts` on the modules' state dicts (base tensors not copied)."""
+        return cls.from_state_dicts(
+            {k: v.detach() for k, v in base.state_dict().items()},
+            {n: {k: v.detach() for k, v in m.state_dict().items()} for n, m in experts.items()},
+            dtype=dtype,
+            base_source="base module",
+        )
+
+    @classmethod
+    def from_files(
+        cls,
+        base: str | Path,
+        experts: Mapping[str, str | Path],
+        *,
+        dtype: str | torch.dtype = torch.float32,
+        prefix: str | None = None,
+        keys: Iterable[str] | None = None,
+    ) -> "TaskVectors":
+        """Load state-dict files (``.safetensors``; ``.pt/.bin`` with ``weights_only=True``)."""
+        from adamerge.io.state_dicts import load_state_dict
+
+        def loader(path: str | Path) -> Callable[[], StateDict]:
+            return lambda: load_state_dict(path, prefix=prefix)
+
+        tv = cls._build(
+            load_state_dict(base, prefix=prefix),
+            ((name, loader(p), str(p)) for name, p in experts.items()),
+            len(experts),
+            dtype=dtype,
+            keys=keys,
+            base_source=str(base),
+        )
+        tv.sources = {"base": str(base), **{n: str(p) for n, p in experts.items()}}
+        return tv
+
+    @classmethod
+    def _build(cls, base, experts, count, *, dtype, keys, base_source) -> "TaskVectors":
+        dtype = STORAGE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+        if dtype not in STORAGE_DTYPES.values():
+            raise InputError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype}")
+        if count < 2:
+            raise InputError(f"need at least 2 experts to merge, got {count}")
+        if keys is not None:
+            keys = list(keys)
+            absent = [k for k in keys if k not in base]
+            if absent:
+                raise InputError(f"{base_source}: requested key '{absent[0]}' not found")
+            base = {k: base[k] for k in keys}
+        base = dict(base)
+        if not base:
+            raise InputError(f"{base_source}: the state dict is empty")
+        _check_finite(base, base_source)
+        float_keys = [k for k, v in base.items() if v.is_floating_point()]
+        vectors = {k: torch.empty((count, *base[k].shape), dtype=dtype) for k in float_keys}
+        names: list[str] = []
+        for t, (name, load, source) in enumerate(experts):
+            if name in names:
+                raise InputError(f"task name '{name}' is given twice")
+            sd = load()
+            if keys is not None:
+                sd = {k: v for k, v in sd.items() if k in base}
+            _check_same_layout(base, sd, base_source, source)
+            _check_finite(sd, source)
+            for k in float_keys:
+                vectors[k][t] = (sd[k].to(torch.float64) - base[k].to(torch.float64)).to(dtype)
+            names.append(name)
+            del sd
+        return cls(base, vectors, names)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.vectors.values())).dtype
+
+    def nbytes(self) -> int:
+        """Bytes held by the stacked task vectors."""
+        return sum(v.numel() * v.element_size() for v in self.vectors.values())
+
+    def expert_state_dict(self, task: str) -> dict[str, Tensor]:
+        """Reconstruct θ_t = θ0 + τ_t (in the base dtype); for checks and reference baselines."""
+        t = self.task_names.index(task)
+        return {
+            k: (v + self.vectors[k][t].to(v.dtype)) if k in self.vectors else v.clone()
+            for k, v in self.base.items()
+        }
+
+    def map_vectors(self, fn: Callable[[str, Tensor], Tensor]) -> "TaskVectors":
+        """A new TaskVectors with ``fn(key, stacked)`` applied to each stack (e.g. TIES trimming)."""
+        return TaskVectors(
+            self.base,
+            {k: fn(k, v).to(v.dtype) for k, v in self.vectors.items()},
+            self.task_names,
+            self.sources,
+        )
+
+    def __repr__(self) -> str:
+        n = sum(v[0].numel() for v in self.vectors.values())
+        return (
+            f"TaskVectors(tasks={self.task_names}, tensors={len(self.vectors)},"
+            f" elements_per_task={n}, dtype={self.dtype})"
+        )
