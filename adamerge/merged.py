@@ -222,7 +222,7 @@ class MergedModel(nn.Module):
             if mask is not None:
                 if weights.dim() == 1:
                     weights = weights.reshape(-1, *([1] * (tau.dim() - 1)))
-                weights = weights * mask
+                weights = weights * mask.to(tau.device)
             out[key] = base + weighted_sum(weights, tau).to(base.dtype)
         return out
 

@@ -1,0 +1,203 @@
+"""Unlabeled streams per task, balanced per-step sampling, and per-task heads.
+
+A :class:`TaskStream` wraps anything indexable (tensors, an image folder, any ``Dataset`` whose
+items are ``x`` or ``(x, y)``). Labels, when present, are used only to score. :class:`StepBatches`
+makes the batch of step ``s`` a pure function of ``(seed, s)``: every task contributes ``B``
+samples drawn from its own permutation, reshuffled on each pass. That is what makes a resumed run
+and a multi-process (DDP) run see exactly the samples an uninterrupted single process would: rank
+``r`` of ``W`` takes positions ``r, r+W, ...`` of each task's slice of the global batch.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from adamerge.errors import InputError
+
+
+@dataclass
+class TaskStream:
+    """One task's test stream: ``dataset[i]`` is ``x`` or ``(x, y)``."""
+
+    name: str
+    dataset: Any
+    classes: list[str] | None = None
+    source: str = "in-memory"
+    _labels: Tensor | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if len(self.dataset) == 0:
+            raise InputError(f"task '{self.name}': the stream from {self.source} is empty")
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def inputs(self, index: Tensor) -> Tensor:
+        """Stack the inputs at ``index`` into one batch."""
+        ds = self.dataset
+        if isinstance(ds, _TensorPair):
+            return ds.x[index]
+        items = [ds[int(i)] for i in index]
+        return torch.stack([it[0] if isinstance(it, (tuple, list)) else it for it in items])
+
+    def labels(self) -> Tensor | None:
+        """All labels (``None`` when the stream has none)."""
+        if self._labels is None:
+            ds = self.dataset
+            if isinstance(ds, _TensorPair):
+                self._labels = ds.y
+            elif hasattr(ds, "targets"):
+                self._labels = torch.as_tensor(ds.targets)
+            else:
+                first = ds[0]
+                if not isinstance(first, (tuple, list)) or len(first) < 2:
+                    return None
+                self._labels = torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+        return self._labels
+
+
+class _TensorPair(Dataset):
+    def __init__(self, x: Tensor, y: Tensor | None) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int):
+        return self.x[i] if self.y is None else (self.x[i], self.y[i])
+
+
+def stream_from_tensors(name: str, x, y=None, classes: list[str] | None = None, source: str = "tensors") -> TaskStream:
+    """A stream over an array/tensor of inputs ``[N, ...]`` (labels ``[N]`` optional)."""
+    x = torch.as_tensor(x)
+    if x.dtype == torch.float64:
+        x = x.float()
+    y = None if y is None else torch.as_tensor(y).long()
+    if y is not None and y.shape[0] != x.shape[0]:
+        raise InputError(f"task '{name}': {x.shape[0]} inputs but {y.shape[0]} labels")
+    if x.is_floating_point() and x.numel() and not torch.isfinite(x).all():
+        raise InputError(f"task '{name}': inputs from {source} contain NaN or inf")
+    return TaskStream(name, _TensorPair(x, y), classes, source)
+
+
+def stream_from_dataset(name: str, dataset: Dataset, classes: list[str] | None = None) -> TaskStream:
+    """A stream over any map-style ``Dataset`` (items ``x`` or ``(x, y)``)."""
+    return TaskStream(name, dataset, classes or getattr(dataset, "classes", None), type(dataset).__name__)
+
+
+def stream_from_folder(name: str, root: str | Path, transform: Callable) -> TaskStream:
+    """An image folder: ``root/<class>/*.png`` (labels from sub-folders) or images directly."""
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(f"task '{name}': image folder {root} does not exist")
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir())
+    if subdirs:
+        files = [(f, c) for c, d in enumerate(subdirs) for f in sorted(d.rglob("*")) if f.suffix.lower() in exts]
+        classes = [d.name for d in subdirs]
+    else:
+        files = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in exts]
+        classes = None
+
+    class _Folder(Dataset):
+        def __len__(self) -> int:
+            return len(files)
+
+        def __getitem__(self, i: int):
+            path, label = files[i]
+            try:
+                x = transform(Image.open(path).convert("RGB"))
+            except Exception as err:  # a corrupt image names its file
+                raise InputError(f"task '{name}': cannot read image {path}: {err}") from None
+            return x if label < 0 else (x, label)
+
+    return TaskStream(name, _Folder(), classes, str(root))
+
+
+def _seed_for(*parts: object) -> int:
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+class StepBatches(Dataset):
+    """Item ``i`` is step ``start + i``'s batch ``{task: inputs}`` (this rank's share of it)."""
+
+    def __init__(
+        self,
+        streams: Sequence[TaskStream],
+        batch_size: int,
+        steps: int,
+        seed: int = 0,
+        start: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if batch_size % world_size:
+            raise InputError(f"batch size per task {batch_size} must be divisible by {world_size} processes")
+        self.streams, self.batch_size, self.steps = list(streams), batch_size, steps
+        self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
+        self._perms: dict[tuple[int, int], Tensor] = {}
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def _perm(self, t: int, epoch: int) -> Tensor:
+        key = (t, epoch)
+        if key not in self._perms:
+            if len(self._perms) > 4 * len(self.streams):
+                self._perms.clear()
+            gen = torch.Generator().manual_seed(_seed_for(self.seed, self.streams[t].name, epoch))
+            self._perms[key] = torch.randperm(len(self.streams[t]), generator=gen)
+        return self._perms[key]
+
+    def indices(self, step: int, t: int) -> Tensor:
+        """Sample indices of task ``t`` in the global batch of ``step`` (all ranks)."""
+        n = len(self.streams[t])
+        pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
+        return torch.stack([self._perm(t, int(p) // n)[int(p) % n] for p in pos])
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        step = self.start + i
+        out = {}
+        for t, s in enumerate(self.streams):
+            idx = self.indices(step, t)[self.rank :: self.world_size]
+            out[s.name] = s.inputs(idx)
+        return out
+
+
+class LinearHead(nn.Module):
+    """A frozen classification head: ``normalize(f) @ W.T + b`` (normalise for CLIP zero-shot)."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None = None, normalize: bool = False) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight.detach().clone())
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.normalize = normalize
+
+    @classmethod
+    def from_state_dict(cls, sd: Mapping[str, Tensor], normalize: bool = False, source: str = "head") -> "LinearHead":
+        if "weight" not in sd:
+            raise InputError(f"{source}: a head needs a 'weight' tensor, found keys {sorted(sd)}")
+        return cls(sd["weight"], sd.get("bias"), normalize)
+
+    @property
+    def num_classes(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, features: Tensor) -> Tensor:
+        if self.normalize:
+            features = F.normalize(features, dim=-1)
+        return F.linear(features, self.weight.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype))
+
+    def state(self) -> dict[str, Tensor]:
+        return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})
