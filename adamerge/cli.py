@@ -1,0 +1,245 @@
+"""``adamerge fit | eval | export | inspect | convert | demo``.
+
+A user mistake ends with one line ``adamerge: error: ...`` on stderr and exit status 2.
+Configs are YAML; any ``--a.b value`` after the known options overrides ``a.b`` in the config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from adamerge.errors import AdamergeError
+
+
+def _overrides(extra: list[str]) -> list[tuple[str, object]]:
+    from adamerge.config import parse_value
+    from adamerge.errors import InputError
+
+    out, i = [], 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise InputError(f"unexpected argument '{arg}'; overrides look like --options.steps 100")
+        key = arg[2:]
+        if "=" in key:
+            key, value = key.split("=", 1)
+            i += 1
+        elif i + 1 < len(extra):
+            value, i = extra[i + 1], i + 2
+        else:
+            raise InputError(f"override {arg} needs a value")
+        out.append((key, parse_value(value)))
+    return out
+
+
+def cmd_fit(args, extra) -> int:
+    from adamerge.config import build_all, dump_config, load_config
+    from adamerge.errors import InputError
+    from adamerge.io.files import atomic_write_text
+    from adamerge.training import fit
+
+    overrides = _overrides(extra)
+    if args.run_dir:
+        overrides.append(("run_dir", str(Path(args.run_dir).resolve())))
+    for key, value in (("trainer.accelerator", args.accelerator), ("trainer.devices", args.devices), ("trainer.strategy", args.strategy)):
+        if value is not None:
+            overrides.append((key, value))
+    cfg = load_config(args.config, overrides)
+    run_dir = Path(cfg["run_dir"])
+    saved = run_dir / "config.yaml"
+    if args.resume:
+        if not saved.exists():
+            raise InputError(f"cannot resume: {saved} does not exist")
+        import yaml
+
+        cfg = yaml.safe_load(saved.read_text())
+    parts = build_all(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not args.resume and not (run_dir / "checkpoints" / "last.ckpt").exists():
+        atomic_write_text(saved, dump_config(cfg))
+    results = fit(
+        run_dir, parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
+        seed=cfg["seed"], resume=args.resume, progress=not args.no_progress, trainer_options=cfg["trainer"],
+        checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"],
+    )
+    if results and "after" in results:
+        _print_table({"before": results["before"], "after": results["after"]}, parts["tasks"])
+    if results:
+        print(f"run written to {run_dir}")
+    return 0
+
+
+def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:
+    width = max(len(n) for n in rows) + 2
+    head = "method".ljust(width) + "".join(t[:12].rjust(13) for t in tasks) + "mean".rjust(9)
+    lines = [head, "-" * len(head)]
+    for name, r in rows.items():
+        lines.append(name.ljust(width) + "".join(f"{100 * r['per_task'][t]:13.1f}" for t in tasks) + f"{100 * r['mean']:9.1f}")
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def cmd_eval(args, extra) -> int:
+    from adamerge.config import build_all, load_config
+    from adamerge.errors import InputError
+    from adamerge.export import load_run
+    from adamerge.io.files import atomic_write_json
+    from adamerge.methods import build_data_free
+    from adamerge.training import evaluate
+
+    if args.run:
+        merged, parts, _ = load_run(args.run)
+        rows = {f"run:{Path(args.run).name}": evaluate(merged, parts["heads"], parts["streams"])}
+    else:
+        if not args.config:
+            raise InputError("eval needs --config (with --method) or --run")
+        cfg = load_config(args.config, _overrides(extra))
+        parts = build_all(cfg)
+        model, tv = parts["model"], parts["tv"]
+        rows = {}
+        method = args.method or "task_arithmetic"
+        if method == "pretrained":
+            from adamerge.merges import merged_state
+
+            model.load_state_dict(merged_state(tv.base, {}))
+            rows["pretrained"] = evaluate(model, parts["heads"], parts["streams"])
+        elif method == "weight_average":
+            rows[method] = evaluate(build_data_free(method, model, tv), parts["heads"], parts["streams"])
+        else:
+            for lam in args.lam or [0.3]:
+                mm = build_data_free(method, model, tv, lam=lam, density=args.density)
+                rows[f"{method}(lam={lam:g})"] = evaluate(mm, parts["heads"], parts["streams"])
+    if any(r is None for r in rows.values()):
+        raise InputError("the data streams have no labels, so there is nothing to score")
+    tasks = list(next(iter(rows.values()))["per_task"])
+    table = _print_table(rows, tasks)
+    if args.out:
+        atomic_write_json(Path(args.out), {"tasks": tasks, "methods": rows, "table": table})
+    return 0
+
+
+def cmd_export(args, extra) -> int:
+    from adamerge.export import export_run
+
+    out = export_run(args.run, args.out, force=args.force)
+    print(f"exported merged model to {out}")
+    return 0
+
+
+def cmd_inspect(args, extra) -> int:
+    from adamerge.config import build_model, load_config
+    from adamerge.granularity import make_grouping
+    from adamerge.io.state_dicts import load_state_dict
+
+    cfg = load_config(args.config, _overrides(extra))
+    model, _ = build_model(cfg["model"])
+    base = load_state_dict(cfg["base"], prefix=cfg["prefix"])
+    shapes = {n: base[n].shape if n in base else p.shape for n, p in model.named_parameters()}
+    spec = args.granularity or cfg["options"].get("granularity", "layer")
+    grouping = make_grouping(spec, shapes, seed=cfg["seed"])
+    sizes = grouping.group_sizes(shapes)
+    members = grouping.members()
+    rows = [{"group": n, "tensors": len(members[i]), "parameters": sizes[i], "names": members[i]} for i, n in enumerate(grouping.group_names)]
+    if args.json:
+        print(json.dumps({"granularity": grouping.spec, "groups": rows}, indent=2))
+        return 0
+    width = max(len(r["group"]) for r in rows) + 2
+    print(f"granularity {grouping.spec}: {len(rows)} groups, {sum(sizes)} parameters")
+    print("group".ljust(width) + "tensors".rjust(8) + "parameters".rjust(12))
+    for r in rows:
+        print(r["group"].ljust(width) + f"{r['tensors']:8d}{r['parameters']:12d}")
+    return 0
+
+
+def cmd_convert(args, extra) -> int:
+    from adamerge.io.classic import convert_classic
+
+    manifest = convert_classic(args.src, args.dst, trust_pickle=args.trust_pickle)
+    print(f"converted {len(manifest.get('tasks', []))} tasks to {args.dst}")
+    return 0
+
+
+def cmd_demo(args, extra) -> int:
+    from adamerge.demo import run_demo
+
+    run_demo(
+        out=args.out, cache_dir=args.cache_dir, seed=args.seed, tasks=args.tasks, image_size=args.image_size,
+        steps=args.steps, quick=args.quick, progress=not args.no_progress,
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="adamerge", description="Learn how to merge fine-tuned models from unlabeled data.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fit", help="train merge coefficients on unlabeled streams (writes a run folder)")
+    f.add_argument("--config", required=True)
+    f.add_argument("--run-dir")
+    f.add_argument("--resume", action="store_true", help="continue the run in run_dir from its last checkpoint")
+    f.add_argument("--accelerator")
+    f.add_argument("--devices", type=int)
+    f.add_argument("--strategy")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(fn=cmd_fit)
+
+    e = sub.add_parser("eval", help="score a run or a data-free merge per task")
+    e.add_argument("--config")
+    e.add_argument("--run")
+    e.add_argument("--method", choices=["pretrained", "weight_average", "task_arithmetic", "ties"])
+    e.add_argument("--lam", type=float, nargs="+", help="one or more λ (a grid)")
+    e.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept per task")
+    e.add_argument("--out", help="write the table as JSON here")
+    e.set_defaults(fn=cmd_eval)
+
+    x = sub.add_parser("export", help="write a run's merged checkpoint (weights, heads, metadata, model card)")
+    x.add_argument("run")
+    x.add_argument("out")
+    x.add_argument("--force", action="store_true")
+    x.set_defaults(fn=cmd_export)
+
+    i = sub.add_parser("inspect", help="print the coefficient groups of a granularity")
+    i.add_argument("--config", required=True)
+    i.add_argument("--granularity")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=cmd_inspect)
+
+    c = sub.add_parser("convert", help="convert classic pickled task-vector checkpoints to safetensors")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")
+    c.set_defaults(fn=cmd_convert)
+
+    d = sub.add_parser("demo", help="the offline benchmark on real data: every method, a table, plots, an export")
+    d.add_argument("--quick", action="store_true", help="smaller splits and fewer steps (minutes)")
+    d.add_argument("--out", default="adamerge-demo")
+    d.add_argument("--cache-dir", default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=None)
+    d.add_argument("--image-size", type=int, default=None)
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("fit", "eval", "inspect"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.fn(args, extra)
+    except AdamergeError as err:
+        print(f"adamerge: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("adamerge: interrupted; completed checkpoints are kept (fit --resume continues)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

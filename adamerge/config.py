@@ -1,0 +1,231 @@
+"""Run configuration: YAML files with dotted overrides, resolved into models, task vectors,
+heads and streams. The resolved config is what a run folder saves as ``config.yaml``.
+
+Schema (paths are relative to the config file)::
+
+    seed: 0
+    model: {source: open_clip, name: ViT-B-32, checkpoint: null}   # or timm / tiny_vit / tiny_cnn /
+                                                                   # efficientnet_lite0 / python (target: "pkg.mod:fn")
+    base: zeroshot.safetensors          # the pretrained state dict (keys as model.state_dict())
+    prefix: null                        # strip this key prefix when reading weight files
+    experts: {mnist: experts/mnist.safetensors, ...}
+    heads: {mnist: heads/mnist.safetensors, ...}   # or {path: ..., normalize: true}
+                                                   # or {classnames: [...], templates: [...]} (CLIP zero-shot)
+    data: {mnist: {folder: data/mnist/test}, ...}   # or {tensors: file.safetensors} with x (and y)
+    storage_dtype: float32              # or bfloat16
+    method: adamerging
+    options: {granularity: layer, steps: 500, lr: 0.001, batch_size: 16, ...}
+    trainer: {accelerator: cpu, devices: 1, strategy: auto}
+    run_dir: runs/example
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+from torch import nn
+
+from adamerge.errors import InputError
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "prefix": None,
+    "storage_dtype": "float32",
+    "method": "adamerging",
+    "options": {},
+    "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto"},
+    "run_dir": "runs/adamerge",
+    "eval_batch_size": 256,
+    "checkpoint_every": 50,
+}
+REQUIRED = ("model", "base", "experts", "heads", "data")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value, typed as YAML would type it (``0.1`` → float, ``[0,1]`` → list)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def set_dotted(cfg: dict, key: str, value: Any) -> None:
+    """``set_dotted(cfg, "options.steps", 10)`` sets ``cfg["options"]["steps"] = 10``."""
+    node = cfg
+    parts = key.split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path, overrides: list[tuple[str, Any]] | None = None) -> dict:
+    """Read YAML, apply dotted overrides, fill defaults and make paths absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: the top level must be a mapping")
+    cfg = copy.deepcopy(DEFAULTS)
+    for key, value in raw.items():
+        cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) and isinstance(value, dict) else value
+    for key, value in overrides or []:
+        set_dotted(cfg, key, value)
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise InputError(f"{path}: missing required section '{missing[0]}'")
+    return resolve_paths(cfg, path.parent)
+
+
+def resolve_paths(cfg: dict, root: Path) -> dict:
+    """Turn every relative path of the config into an absolute one (relative to ``root``)."""
+
+    def fix(p):
+        return None if p is None else str((root / p).resolve()) if not Path(str(p)).is_absolute() else str(p)
+
+    cfg["base"] = fix(cfg["base"])
+    cfg["experts"] = {t: fix(p) for t, p in cfg["experts"].items()}
+    heads = {}
+    for t, spec in cfg["heads"].items():
+        spec = {"path": spec} if isinstance(spec, str) else dict(spec)
+        if "path" in spec:
+            spec["path"] = fix(spec["path"])
+        heads[t] = spec
+    cfg["heads"] = heads
+    data = {}
+    for t, spec in cfg["data"].items():
+        spec = {"folder": spec} if isinstance(spec, str) else dict(spec)
+        for key in ("folder", "tensors"):
+            if key in spec:
+                spec[key] = fix(spec[key])
+        data[t] = spec
+    cfg["data"] = data
+    if cfg["model"].get("checkpoint"):
+        cfg["model"]["checkpoint"] = fix(cfg["model"]["checkpoint"])
+    cfg["run_dir"] = fix(cfg["run_dir"])
+    return cfg
+
+
+def build_model(spec: dict) -> tuple[nn.Module, Callable | None]:
+    """The architecture and its preprocessing transform (``None`` if inputs come as tensors)."""
+    source = spec.get("source")
+    if source == "open_clip":
+        from adamerge.io.open_clip_models import create_open_clip
+
+        return create_open_clip(spec["name"], spec.get("checkpoint"))
+    if source == "timm":
+        from adamerge._compat import ensure_torchvision
+
+        ensure_torchvision()
+        import timm
+
+        model = timm.create_model(spec["name"], num_classes=0, pretrained=False)
+        data_cfg = timm.data.resolve_data_config({}, model=model)
+        return model, timm.data.create_transform(**data_cfg)
+    if source in ("tiny_vit", "tiny_cnn"):
+        from adamerge.zoo import tiny
+
+        return getattr(tiny, source)(spec.get("seed", 0)), None
+    if source == "efficientnet_lite0":
+        from adamerge.zoo.backbone import create_backbone
+
+        return create_backbone(pretrained=False), None
+    if source == "python":
+        target = spec.get("target", "")
+        if ":" not in target:
+            raise InputError("model.source python needs model.target 'package.module:function'")
+        mod, fn = target.split(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)(**spec.get("kwargs", {})), None
+        except (ImportError, AttributeError) as err:
+            raise InputError(f"model.target {target}: {err}") from None
+    raise InputError(
+        f"unknown model.source '{source}'; use open_clip, timm, tiny_vit, tiny_cnn, efficientnet_lite0 or python"
+    )
+
+
+def build_heads(cfg: dict, cache_dir: Path | None = None) -> dict[str, nn.Module]:
+    from adamerge.data import LinearHead
+    from adamerge.io.state_dicts import load_state_dict
+
+    heads = {}
+    for task, spec in cfg["heads"].items():
+        if "path" in spec:
+            heads[task] = LinearHead.from_state_dict(load_state_dict(spec["path"]), bool(spec.get("normalize", False)), spec["path"])
+        elif "classnames" in spec:
+            from adamerge.io.open_clip_models import zero_shot_head
+
+            m = cfg["model"]
+            full, _ = _full_clip(m)
+            cache = None if cache_dir is None else cache_dir / f"zeroshot_{task}.safetensors"
+            sd = zero_shot_head(full, m["name"], spec["classnames"], spec.get("templates", ["a photo of a {}."]), cache)
+            heads[task] = LinearHead.from_state_dict(sd, normalize=True, source=f"zero-shot head '{task}'")
+        else:
+            raise InputError(f"heads.{task}: give 'path' (a weight file) or 'classnames' (+ 'templates')")
+    return heads
+
+
+def _full_clip(m: dict):
+    from adamerge.io.open_clip_models import create_open_clip
+
+    return create_open_clip(m["name"], m.get("checkpoint"), tower="full")
+
+
+def build_streams(cfg: dict, transform: Callable | None) -> list:
+    from adamerge.data import stream_from_folder, stream_from_tensors
+    from adamerge.io.state_dicts import load_state_dict
+
+    streams = []
+    for task, spec in cfg["data"].items():
+        if "tensors" in spec:
+            sd = load_state_dict(spec["tensors"])
+            if "x" not in sd:
+                raise InputError(f"data.{task}: {spec['tensors']} needs a tensor named 'x' (and optionally 'y')")
+            streams.append(stream_from_tensors(task, sd["x"], sd.get("y"), source=spec["tensors"]))
+        elif "folder" in spec:
+            if transform is None:
+                raise InputError(f"data.{task}: an image folder needs a model with a preprocessing transform")
+            streams.append(stream_from_folder(task, spec["folder"], transform))
+        else:
+            raise InputError(f"data.{task}: give 'folder' or 'tensors'")
+    return streams
+
+
+def check_tasks(cfg: dict) -> list[str]:
+    """The task names, identical across experts, heads and data (else a clear error)."""
+    tasks = list(cfg["experts"])
+    for section in ("heads", "data"):
+        names = list(cfg[section])
+        if sorted(names) != sorted(tasks):
+            extra = sorted(set(names) - set(tasks)) or sorted(set(tasks) - set(names))
+            raise InputError(f"{section} tasks {sorted(names)} do not match experts {sorted(tasks)} (check '{extra[0]}')")
+    seen: dict[str, str] = {}
+    for t, p in cfg["experts"].items():
+        if p in seen:
+            raise InputError(f"experts '{seen[p]}' and '{t}' point to the same file {p}")
+        seen[p] = t
+    return tasks
+
+
+def build_all(cfg: dict) -> dict:
+    """Everything a run needs: model, task vectors, heads and streams."""
+    from adamerge.task_vectors import TaskVectors
+
+    tasks = check_tasks(cfg)
+    model, transform = build_model(cfg["model"])
+    tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
+    heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache")
+    streams = build_streams(cfg, transform)
+    return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": tasks}
+
+
+def dump_config(cfg: dict) -> str:
+    return yaml.safe_dump(cfg, sort_keys=False)
