@@ -156,7 +156,12 @@ def cmd_inspect(args, extra) -> int:
 
 def cmd_convert(args, extra) -> int:
     from adamerge.io.classic import convert_classic
+    from adamerge.io.state_dicts import load_state_dict, save_state_dict
 
+    if Path(args.src).is_file():  # one pickled checkpoint -> one safetensors state dict
+        save_state_dict(load_state_dict(args.src, trust_pickle=args.trust_pickle), args.dst)
+        print(f"converted {args.src} to {args.dst}")
+        return 0
     manifest = convert_classic(args.src, args.dst, trust_pickle=args.trust_pickle)
     print(f"converted {len(manifest.get('tasks', []))} tasks to {args.dst}")
     return 0
@@ -207,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true")
     i.set_defaults(fn=cmd_inspect)
 
-    c = sub.add_parser("convert", help="convert classic pickled task-vector checkpoints to safetensors")
+    c = sub.add_parser("convert", help="convert classic pickled task-vector checkpoints (a folder, or one file) to safetensors")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -22,7 +20,7 @@ from torch.utils.data import DataLoader
 
 from adamerge.data import StepBatches, TaskStream
 from adamerge.errors import InputError, NonFiniteLossError
-from adamerge.io.files import atomic_save_safetensors, atomic_write_json
+from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from adamerge.merged import MergedModel
 from adamerge.methods.base import MethodConfig, create_method
 from adamerge.objectives import get_objective
@@ -106,15 +104,15 @@ class StepDataModule(L.LightningDataModule):
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
 
-def _loggers(run_dir: Path) -> list:
+def _loggers(run_dir: Path, version: int) -> list:
     from lightning.pytorch.loggers import CSVLogger
 
-    loggers = [CSVLogger(str(run_dir), name="logs", version=0)]
+    loggers = [CSVLogger(str(run_dir), name="logs", version=version)]
     try:
         import tensorboard  # noqa: F401
         from lightning.pytorch.loggers import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version=0))
+        loggers.append(TensorBoardLogger(str(run_dir), name="logs", version=version))
     except ImportError:
         pass
     return loggers
@@ -161,7 +159,7 @@ def fit(
     trainer = L.Trainer(
         max_steps=cfg.steps,
         max_epochs=-1,
-        logger=_loggers(run_dir),
+        logger=_loggers(run_dir, len(list((run_dir / "logs").glob("version_*"))) if resume else 0),
         callbacks=[ckpt],
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -215,11 +213,24 @@ def save_coefficients(run_dir: Path, merged: MergedModel) -> None:
 
 
 def _collect_metrics(run_dir: Path) -> None:
-    src = run_dir / "logs" / "version_0" / "metrics.csv"
-    if src.exists():
-        tmp = run_dir / ".metrics.csv.tmp"
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, run_dir / "metrics.csv")
+    """Join the CSV logs of the first run and of every resume into ``metrics.csv``."""
+    parts = sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    rows: list[dict] = []
+    fields: list[str] = []
+    for part in parts:
+        with open(part, newline="") as f:
+            reader = csv.DictReader(f)
+            fields += [c for c in reader.fieldnames or [] if c not in fields]
+            rows += list(reader)
+    if not rows:
+        return
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

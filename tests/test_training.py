@@ -1,0 +1,207 @@
+"""End to end on the tiny zoo: fit, eval, export, resume, DDP, and every user-error path."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from adamerge.cli import main
+from adamerge.io.state_dicts import load_state_dict
+from adamerge.training import MergeModule, read_metrics
+from adamerge.zoo.tiny import build_tiny_zoo, tiny_vit, write_tiny_zoo
+
+TASKS = ["task0", "task1", "task2"]
+
+
+@pytest.fixture(scope="module")
+def zoo_dir(tmp_path_factory) -> Path:
+    return write_tiny_zoo(tmp_path_factory.mktemp("tiny") / "zoo", build_tiny_zoo(seed=0))
+
+
+def write_config(folder: Path, zoo: Path, **changes) -> Path:
+    cfg = {
+        "seed": 0,
+        "model": {"source": "tiny_vit"},
+        "base": str(zoo / "base.safetensors"),
+        "experts": {t: str(zoo / "experts" / f"{t}.safetensors") for t in TASKS},
+        "heads": {t: str(zoo / "heads" / f"{t}.safetensors") for t in TASKS},
+        "data": {t: {"tensors": str(zoo / "data" / f"{t}.safetensors")} for t in TASKS},
+        "method": "adamerging",
+        "options": {"granularity": "layer", "steps": 40, "lr": 0.01, "batch_size": 16},
+        "run_dir": str(folder / "run"),
+        "checkpoint_every": 10,
+    }
+    for key, value in changes.items():
+        node = cfg
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def layer_run(zoo_dir, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("layer")
+    cfg = write_config(folder, zoo_dir, **{"options.steps": 100})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    return folder / "run"
+
+
+def test_fit_writes_run_folder_and_improves(layer_run):
+    for name in ("config.yaml", "coefficients.safetensors", "groups.json", "metrics.csv", "results.json"):
+        assert (layer_run / name).is_file(), name
+    coef = load_file(str(layer_run / "coefficients.safetensors"))["coefficients"]
+    groups = json.loads((layer_run / "groups.json").read_text())
+    assert coef.shape == (3, len(groups["groups"]))
+    assert groups["tasks"] == TASKS and groups["granularity"] == "layer"
+    assert float(coef.min()) >= 0.0 and float(coef.max()) <= 1.0  # stored as applied (clamped)
+    rows = [r for r in read_metrics(layer_run) if "loss/task0" in r]
+    assert len(rows) == 100
+    first = sum(r["loss/task0"] + r["loss/task1"] + r["loss/task2"] for r in rows[:10])
+    last = sum(r["loss/task0"] + r["loss/task1"] + r["loss/task2"] for r in rows[-10:])
+    assert last < 0.8 * first, (first, last)  # the entropy falls
+    results = json.loads((layer_run / "results.json").read_text())
+    # "before" is the initial merge, λ = 0.3 everywhere = task arithmetic (λ = 0.3)
+    assert results["after"]["mean"] > results["before"]["mean"] + 0.01
+    ckpts = list((layer_run / "checkpoints").glob("*.ckpt"))
+    assert ckpts and all(p.stat().st_size < 200_000 for p in ckpts)  # coefficients + optimizer, not models
+
+
+def test_layerwise_beats_task_arithmetic(layer_run, zoo_dir, tmp_path, capsys):
+    cfg = write_config(tmp_path, zoo_dir)
+    out = tmp_path / "ta.json"
+    assert main(["eval", "--config", str(cfg), "--method", "task_arithmetic", "--lam", "0.3", "--out", str(out)]) == 0
+    ta = json.loads(out.read_text())["methods"]["task_arithmetic(lam=0.3)"]["mean"]
+    learned = json.loads((layer_run / "results.json").read_text())["after"]["mean"]
+    assert learned > ta
+    assert main(["eval", "--run", str(layer_run)]) == 0
+    assert "run:run" in capsys.readouterr().out
+
+
+def test_export_reproduces_functional_outputs(layer_run, tmp_path):
+    from adamerge.export import load_run
+
+    out = tmp_path / "export"
+    assert main(["export", str(layer_run), str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adamerge.json", "heads.safetensors", "model.safetensors"]
+    meta = json.loads((out / "adamerge.json").read_text())
+    assert meta["method"] == "adamerging" and len(meta["inputs"]["experts"]) == 3
+    assert all(len(e["sha256"]) == 64 for e in meta["inputs"]["experts"].values())
+    merged, parts, _ = load_run(layer_run)
+    model = tiny_vit()
+    model.load_state_dict(load_state_dict(out / "model.safetensors"), strict=True)
+    model.eval()
+    x = parts["streams"][0].inputs(torch.arange(8))
+    with torch.no_grad():
+        assert torch.allclose(model(x), merged(x), atol=1e-6)
+    # a second export into a non-empty folder needs --force; nothing is overwritten without it
+    assert main(["export", str(layer_run), str(out)]) == 2
+    assert main(["export", str(layer_run), str(out), "--force"]) == 0
+
+
+def test_resume_is_exact(zoo_dir, tmp_path, monkeypatch):
+    full = write_config(tmp_path / "full", zoo_dir)
+    assert main(["fit", "--config", str(full), "--no-progress"]) == 0
+    cut = write_config(tmp_path / "cut", zoo_dir)
+    original = MergeModule.training_step
+
+    def crash(self, batch, idx):
+        if self.global_step == 25:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(MergeModule, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", "--config", str(cut), "--no-progress"])
+    monkeypatch.setattr(MergeModule, "training_step", original)
+    assert not (tmp_path / "cut" / "run" / "coefficients.safetensors").exists()
+    assert main(["fit", "--config", str(cut), "--resume", "--no-progress"]) == 0
+    a = load_file(str(tmp_path / "full" / "run" / "coefficients.safetensors"))["coefficients"]
+    b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]
+    assert torch.equal(a, b)
+    steps = [int(r["step"]) for r in read_metrics(tmp_path / "cut" / "run") if "loss/task0" in r]
+    assert steps == list(range(25)) + list(range(20, 40))  # the log of both attempts is kept
+
+
+def test_ddp_two_processes_match_one(zoo_dir, tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    exe = [sys.executable, "-m", "adamerge.cli"]
+    coefs = []
+    for devices in (1, 2):
+        cfg = write_config(tmp_path / f"d{devices}", zoo_dir, **{"options.steps": 10})
+        cmd = exe + ["fit", "--config", str(cfg), "--no-progress", "--devices", str(devices)]
+        if devices == 2:
+            cmd += ["--strategy", "ddp"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        coefs.append(load_file(str(tmp_path / f"d{devices}" / "run" / "coefficients.safetensors"))["coefficients"])
+    assert torch.allclose(coefs[0], coefs[1], atol=1e-5)
+
+
+def _fails(capsys, args, needle):
+    rc = main(args)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("adamerge: error:") and "\n" not in err and "Traceback" not in err
+    assert needle in err, err
+
+
+def test_user_errors_one_line_exit_2(zoo_dir, tmp_path, capsys):
+    _fails(capsys, ["fit", "--config", str(tmp_path / "missing.yaml")], "does not exist")
+    cfg = write_config(tmp_path / "a", zoo_dir, **{"experts.task1": str(tmp_path / "nope.safetensors")})
+    _fails(capsys, ["fit", "--config", str(cfg)], "nope.safetensors")
+    assert not (tmp_path / "a" / "run").exists()  # nothing half-written
+    # an expert with an extra key
+    sd = load_state_dict(zoo_dir / "experts" / "task2.safetensors")
+    sd["extra.weight"] = torch.zeros(2)
+    from adamerge.io.files import atomic_save_safetensors
+
+    atomic_save_safetensors(sd, tmp_path / "extra.safetensors")
+    cfg = write_config(tmp_path / "b", zoo_dir, **{"experts.task2": str(tmp_path / "extra.safetensors")})
+    _fails(capsys, ["fit", "--config", str(cfg)], "extra.weight")
+    # task names that do not match the heads
+    heads = {t: str(zoo_dir / "heads" / f"{t}.safetensors") for t in TASKS}
+    heads["other"] = heads.pop("task2")
+    cfg = write_config(tmp_path / "c", zoo_dir, heads=heads)
+    _fails(capsys, ["fit", "--config", str(cfg)], "other")
+    # an empty stream
+    atomic_save_safetensors({"x": torch.zeros(0, 3, 16, 16)}, tmp_path / "empty.safetensors")
+    cfg = write_config(tmp_path / "d", zoo_dir, **{"data.task0": {"tensors": str(tmp_path / "empty.safetensors")}})
+    _fails(capsys, ["fit", "--config", str(cfg)], "empty")
+    # a non-finite loss (a head with inf weights)
+    atomic_save_safetensors({"weight": torch.full((4, 16), float("inf"))}, tmp_path / "badhead.safetensors")
+    cfg = write_config(tmp_path / "e", zoo_dir, **{"heads.task0": str(tmp_path / "badhead.safetensors")})
+    _fails(capsys, ["fit", "--config", str(cfg), "--no-progress"], "non-finite loss")
+    # a wrong option name
+    cfg = write_config(tmp_path / "f", zoo_dir)
+    _fails(capsys, ["fit", "--config", str(cfg), "--options.stepz", "3"], "stepz")
+    # two tasks pointing at the same checkpoint
+    cfg = write_config(tmp_path / "g", zoo_dir, **{"experts.task1": str(zoo_dir / "experts" / "task0.safetensors")})
+    _fails(capsys, ["fit", "--config", str(cfg)], "same file")
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    exe = shutil.which("adamerge") or str(Path(sys.executable).parent / "adamerge")
+    proc = subprocess.run([exe, "export", str(tmp_path / "norun"), str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and "not a finished run" in proc.stderr
+
+
+@pytest.mark.parametrize("granularity", ["task", "block", "partition:2"])
+def test_other_granularities_and_adamerging_pp(zoo_dir, tmp_path, granularity):
+    cfg = write_config(tmp_path, zoo_dir, method="adamerging++", **{"options.granularity": granularity, "options.steps": 5})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["options"]["ties_density"] == 0.2 and results["steps"] == 5
