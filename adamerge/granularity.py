@@ -39,7 +39,7 @@ class Chunks:
     first: int
     count: int
     sizes: list[int]  # contiguous chunk sizes, sum = numel
-    perm: Tensor | None = None  # element order for random chunks (int32), None = contiguous
+    perm: Tensor | None = None  # random chunks: element -> position in chunk order (int32)
 
     def expand(self, coef: Tensor) -> Tensor:
         """``coef[:, first:first+count]`` → per-element coefficients ``[T, numel]``."""

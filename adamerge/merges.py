@@ -54,9 +54,17 @@ def elect_sign(stacks: Stacks) -> dict[str, Tensor]:
     return {k: torch.where(_f32(v).sum(0) >= 0, 1.0, -1.0) for k, v in stacks.items()}
 
 
-def ties_vectors(stacks: Stacks, density: float = 0.2) -> dict[str, Tensor]:
+def ties_vectors(stacks: Stacks, density: float = 0.2, keys=None) -> dict[str, Tensor]:
     """TIES-processed but still separate task vectors (the input of AdaMerging++):
-    trimmed, and zero wherever a task disagrees with the elected sign."""
+    trimmed, and zero wherever a task disagrees with the elected sign.
+
+    ``keys`` limits the processing (and the top-k threshold) to those stacks, e.g. the
+    parameters, so BatchNorm statistics never compete for the kept entries; the other stacks
+    are returned unchanged."""
+    if keys is not None:
+        keys = set(keys)
+        rest = {k: v for k, v in stacks.items() if k not in keys}
+        return {**rest, **ties_vectors({k: v for k, v in stacks.items() if k in keys}, density)}
     trimmed = trim_top_k(stacks, density)
     signs = elect_sign(trimmed)
     return {
@@ -66,7 +74,7 @@ def ties_vectors(stacks: Stacks, density: float = 0.2) -> dict[str, Tensor]:
 
 
 def ties(stacks: Stacks, lam: float = 0.3, density: float = 0.2) -> dict[str, Tensor]:
-    """λ · disjoint mean of the TIES-processed task vectors."""
+    """λ · disjoint mean of the TIES-processed task vectors (pass parameter stacks only)."""
     kept = ties_vectors(stacks, density)
     out = {}
     for k, v in kept.items():

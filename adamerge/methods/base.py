@@ -52,18 +52,20 @@ class Method:
     def config(self, overrides: dict | None = None) -> MethodConfig:
         return MethodConfig.from_dict({**self.defaults, **(overrides or {})})
 
-    def prepare(self, tv: TaskVectors, cfg: MethodConfig) -> TaskVectors:
-        """Task-vector preprocessing (none by default; TIES when ``ties_density`` is set)."""
+    def prepare(self, tv: TaskVectors, cfg: MethodConfig, model: nn.Module) -> TaskVectors:
+        """Task-vector preprocessing (none by default; TIES on the parameters when
+        ``ties_density`` is set, buffers untouched)."""
         if cfg.ties_density:
             from adamerge.merges import ties_vectors
 
-            return TaskVectors(tv.base, ties_vectors(tv.vectors, cfg.ties_density), tv.task_names, tv.sources)
+            params = [n for n, _ in model.named_parameters()]
+            return TaskVectors(tv.base, ties_vectors(tv.vectors, cfg.ties_density, keys=params), tv.task_names, tv.sources)
         return tv
 
     def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0) -> MergedModel:
         return MergedModel(
             model,
-            self.prepare(tv, cfg),
+            self.prepare(tv, cfg, model),
             granularity=cfg.granularity,
             init=cfg.init,
             clamp=None if cfg.simplex else cfg.clamp,

@@ -34,7 +34,7 @@ def build_data_free(
     elif name == "task_arithmetic":
         mm = MergedModel(model, tv, "task", init=lam, clamp=None, buffer_policy=buffer_policy)
     elif name == "ties":
-        kept = ties_vectors(tv.vectors, density)
+        kept = ties_vectors(tv.vectors, density, keys=[n for n, _ in model.named_parameters()])
         ttv = TaskVectors(tv.base, kept, tv.task_names, tv.sources)
         mm = MergedModel(model, ttv, "task", init=lam, clamp=None, buffer_policy=buffer_policy)
         masks = {}

@@ -1,0 +1,248 @@
+"""Overhead of learning merge coefficients against training the plain model.
+
+For each model and number of tasks T this times one training step of a
+:class:`adamerge.merged.MergedModel` (merge + forward + backward to the coefficients) and the
+same forward + backward of the plain model with trainable weights (the reference), on the same
+batch, and reports the overhead, the peak resident memory and the tensor bytes the merged model
+holds in units of the model's parameter size.
+
+Models: ``tiny`` (the tiny open_clip ViT of :mod:`adamerge.zoo.tiny`, 16 px) and ``vitb32``
+(a RANDOM-WEIGHT open_clip ViT-B/32 visual tower, 224 px: nothing is downloaded). Task vectors
+are random perturbations (``0.01 * N(0, 1)``) built straight into the stacked ``[T, *shape]``
+layout, so the numbers show the steady state of training, not the loading of T checkpoints.
+
+Every measurement runs in a fresh subprocess (``--worker``) so that each peak RSS (``VmHWM``
+from ``/proc/self/status``) belongs to one configuration; the reference is re-measured next to
+every merged configuration so that both see the same machine load. Timings are the best of
+``--repeats`` timed repeats after one warm-up step; a repeat runs as many steps as fit in
+``--min-time`` seconds (at least one), so tiny models are not timed by a single millisecond.
+
+Example::
+
+    .venv/bin/python benchmarks/merge_overhead.py                # tiny + vitb32, T = 2, 4, 8
+    .venv/bin/python benchmarks/merge_overhead.py --models tiny --tasks 2,16 --dtype bfloat16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+MODELS = ("tiny", "vitb32")
+
+
+# --------------------------------------------------------------------------- worker side
+def _peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM), in MiB."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _build_model(name: str):
+    """The backbone in eval mode and its input image size."""
+    import torch
+
+    torch.manual_seed(0)
+    if name == "tiny":
+        from adamerge.zoo.tiny import IMAGE, tiny_vit
+
+        return tiny_vit(seed=0).eval(), IMAGE
+    if name == "vitb32":
+        import logging
+
+        import open_clip
+
+        logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights loaded" is intended
+        model = open_clip.create_model("ViT-B-32", pretrained=None).visual
+        return model.eval(), 224
+    raise SystemExit(f"unknown model '{name}'; choose from {MODELS}")
+
+
+def _time_steps(step, repeats: int, min_time: float) -> tuple[float, int]:
+    """Best seconds per step over ``repeats`` timed repeats, after one warm-up step."""
+    t0 = time.perf_counter()
+    step()  # warm-up
+    warm = time.perf_counter() - t0
+    steps = max(1, int(min_time / max(warm, 1e-6)))
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t0) / steps)
+    return best, steps
+
+
+def worker(args: argparse.Namespace) -> dict:
+    import adamerge  # noqa: F401  (makes torchvision/open_clip importable on CPU torch)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    model, size = _build_model(args.model)
+    params = dict(model.named_parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, size, size, generator=gen)
+    result = {
+        "model": args.model,
+        "kind": args.kind,
+        "tasks": args.tasks,
+        "batch": args.batch,
+        "dtype": args.dtype,
+        "threads": args.threads,
+        "model_mb": model_bytes / 2**20,
+        "tensors": len(params),
+    }
+
+    if args.kind == "reference":
+        for p in model.parameters():
+            p.requires_grad_(True)
+
+        def step():
+            model.zero_grad(set_to_none=True)
+            loss = model(x).float().pow(2).mean()
+            loss.backward()
+
+        result["held_model_units"] = None
+    else:
+        from adamerge.merged import MergedModel
+        from adamerge.task_vectors import STORAGE_DTYPES, TaskVectors
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        dtype = STORAGE_DTYPES[args.dtype]
+        base = {k: v.detach() for k, v in model.state_dict().items()}  # shares the model's storage
+        vectors = {}
+        for k, v in base.items():
+            if v.is_floating_point():
+                stack = torch.empty((args.tasks, *v.shape), dtype=dtype)
+                for t in range(args.tasks):
+                    stack[t] = (0.01 * torch.randn(v.shape, generator=gen)).to(dtype)
+                vectors[k] = stack
+        tv = TaskVectors(base, vectors, [f"task{t}" for t in range(args.tasks)])
+        mm = MergedModel(model, tv, granularity=args.granularity, init=0.3, clamp=(0.0, 1.0)).train()
+
+        def step():
+            mm.zero_grad(set_to_none=True)
+            loss = mm(x).float().pow(2).mean()
+            loss.backward()
+            assert mm.coefficients.grad is not None
+
+        held = mm.nbytes()
+        result["held_model_units"] = sum(held.values()) / model_bytes
+        result["held"] = {k: v / 2**20 for k, v in held.items()}
+        result["coefficients"] = list(mm.coefficients.shape)
+
+    seconds, steps = _time_steps(step, args.repeats, args.min_time)
+    result.update(seconds=seconds, steps_per_repeat=steps, peak_rss_mb=_peak_rss_mb())
+    return result
+
+
+# --------------------------------------------------------------------------- driver side
+def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int) -> dict:
+    cmd = [
+        sys.executable, os.path.abspath(__file__), "--worker",
+        "--kind", kind, "--model", model, "--tasks-one", str(tasks),
+        "--batch", str(args.batch), "--repeats", str(args.repeats), "--dtype", args.dtype,
+        "--threads", str(args.threads), "--min-time", str(args.min_time),
+        "--granularity", args.granularity,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stdout + proc.stderr)
+        raise SystemExit(f"worker failed: {' '.join(cmd)}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _table(rows: list[dict]) -> str:
+    head = (
+        "model", "T", "batch", "dtype", "ref s/step", "merged s/step", "overhead %",
+        "ref peak RSS MB", "merged peak RSS MB", "held / model",
+    )  # fmt: skip
+    lines = [head]
+    for r in rows:
+        ref, mer = r["reference"], r["merged"]
+        lines.append((
+            r["model"], str(r["tasks"]), str(r["batch"]), r["dtype"],
+            f"{ref['seconds']:.4f}", f"{mer['seconds']:.4f}",
+            f"{100.0 * (mer['seconds'] / ref['seconds'] - 1.0):+.1f}",
+            f"{ref['peak_rss_mb']:.0f}", f"{mer['peak_rss_mb']:.0f}",
+            f"{mer['held_model_units']:.2f}",
+        ))  # fmt: skip
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    fmt = lambda line: " | ".join(c.rjust(w) for c, w in zip(line, widths))  # noqa: E731
+    return "\n".join([fmt(lines[0]), "-+-".join("-" * w for w in widths), *map(fmt, lines[1:])])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="tiny,vitb32", help=f"comma list from {MODELS}")
+    p.add_argument("--tasks", default="2,4,8", help="comma list of task counts T")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up step")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="task-vector storage")
+    p.add_argument("--granularity", default="layer")
+    p.add_argument(
+        "--threads", type=int, default=1,
+        help="torch intra-op threads (default 1: on a shared, busy 2-core machine two spin-waiting"
+        " OpenMP threads made ViT-B/32 steps 4x slower and tiny-model timings meaningless)",
+    )  # fmt: skip
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds a timed repeat lasts at least")
+    p.add_argument("--json", default=None, help="also write the raw results to this file")
+    # internal: one measurement in this process
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--kind", choices=("reference", "merged"), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--tasks-one", dest="tasks_one", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker:
+        args.tasks = args.tasks_one
+        print(json.dumps(worker(args)))
+        return
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    for m in models:
+        if m not in MODELS:
+            p.error(f"unknown model '{m}'; choose from {MODELS}")
+    tasks = [int(t) for t in args.tasks.split(",") if t.strip()]
+    if any(t < 1 for t in tasks):
+        p.error("--tasks must be positive integers")
+    rows = []
+    start = time.perf_counter()
+    for m in models:
+        for t in tasks:
+            ref = _run_worker(args, m, "reference", t)
+            mer = _run_worker(args, m, "merged", t)
+            rows.append({"model": m, "tasks": t, "batch": args.batch, "dtype": args.dtype, "reference": ref, "merged": mer})
+            print(
+                f"[{time.perf_counter() - start:6.1f}s] {m} T={t}: ref {ref['seconds']:.4f} s/step,"
+                f" merged {mer['seconds']:.4f} s/step (coefficients {mer['coefficients']})",
+                file=sys.stderr,
+                flush=True,
+            )
+    print(
+        f"granularity={args.granularity}, threads={args.threads}, repeats={args.repeats} (best of),"
+        f" task vectors stored as {args.dtype}; model size: "
+        + ", ".join(f"{r['model']} {r['merged']['model_mb']:.1f} MB ({r['merged']['tensors']} tensors)" for r in rows[:: len(tasks)])
+    )
+    print(_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
