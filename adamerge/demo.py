@@ -141,38 +141,42 @@ def run_demo(
     rec_dir = runs / _slug(RECOMMENDED)
     if RECOMMENDED in results["methods"]:
         plot_coefficients(rec_dir, out / "coefficients.png", title=RECOMMENDED)
-        _export_recommended(out / "export", rec_dir, zoo, tasks, arch, tv, heads, seed, results)
+        _export_recommended(out, rec_dir, zoo, tasks, seed, results)
     print(results_table(results))
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}, plots: {out / 'accuracy.png'}, {out / 'coefficients.png'}")
+    print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: {out / 'accuracy.png'},"
+          f" {out / 'coefficients.png'}; merged checkpoint: {out / 'export'}")
     return results
 
 
-def _export_recommended(folder: Path, run_dir: Path, zoo, tasks, arch, tv, heads, seed, results) -> None:
-    """Write the recommended run's merged checkpoint through the same path as ``adamerge export``."""
-    import yaml
-
+def _export_recommended(out: Path, run_dir: Path, zoo, tasks, seed, results) -> None:
+    """Write ``OUT/config.yaml`` (a reusable config over the zoo: ``OUT/zoo`` links to the cached
+    zoo, ``OUT/data`` holds the test streams) and export the recommended run through the same
+    path as ``adamerge export``."""
     from adamerge.config import dump_config
     from adamerge.export import export_run
-
-    method, options = LEARNED[RECOMMENDED]
-    data_dir = run_dir / "data"
     from adamerge.io.files import atomic_save_safetensors
 
+    link = out / "zoo"
+    if link.is_symlink() or link.exists():
+        link.unlink() if link.is_symlink() else shutil.rmtree(link)
+    link.symlink_to(zoo.path.resolve(), target_is_directory=True)
     for t in tasks:
-        atomic_save_safetensors({"x": zoo.tasks[t].x_test, "y": zoo.tasks[t].y_test}, data_dir / f"{t}.safetensors")
+        atomic_save_safetensors({"x": zoo.tasks[t].x_test, "y": zoo.tasks[t].y_test}, out / "data" / f"{t}.safetensors")
+    method, options = LEARNED[RECOMMENDED]
     cfg = {
         "seed": seed, "prefix": None, "storage_dtype": "float32", "method": method,
         "options": {**options, "steps": results["settings"]["steps"]},
         "model": {"source": "efficientnet_lite0"},
-        "base": str(zoo.path / "base.safetensors"),
-        "experts": {t: str(zoo.path / "experts" / f"{t}.safetensors") for t in tasks},
-        "heads": {t: {"path": str(zoo.path / "heads" / f"{t}.safetensors")} for t in tasks},
-        "data": {t: {"tensors": str(data_dir / f"{t}.safetensors")} for t in tasks},
+        "base": str(link / "base.safetensors"),
+        "experts": {t: str(link / "experts" / f"{t}.safetensors") for t in tasks},
+        "heads": {t: {"path": str(link / "heads" / f"{t}.safetensors")} for t in tasks},
+        "data": {t: {"tensors": str(out / "data" / f"{t}.safetensors")} for t in tasks},
         "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto"},
         "run_dir": str(run_dir), "eval_batch_size": 256, "checkpoint_every": 50,
     }
+    atomic_write_text(out / "config.yaml", dump_config(cfg))
     atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
-    export_run(run_dir, folder, force=True)
+    export_run(run_dir, out / "export", force=True)
 
 
 def results_table(results: dict) -> str:
