@@ -150,11 +150,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 # --------------------------------------------------------------------------- driver side
-def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int) -> dict:
+def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int, batch: int) -> dict:
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker",
         "--kind", kind, "--model", model, "--tasks-one", str(tasks),
-        "--batch", str(args.batch), "--repeats", str(args.repeats), "--dtype", args.dtype,
+        "--batch", str(batch), "--repeats", str(args.repeats), "--dtype", args.dtype,
         "--threads", str(args.threads), "--min-time", str(args.min_time),
         "--granularity", args.granularity,
     ]  # fmt: skip
@@ -190,7 +190,11 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="tiny,vitb32", help=f"comma list from {MODELS}")
     p.add_argument("--tasks", default="2,4,8", help="comma list of task counts T")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=8, help="images per step (ignored with --per-task-batch)")
+    p.add_argument(
+        "--per-task-batch", type=int, default=None,
+        help="images per task per step: the batch is this times T, as in one AdaMerging step over all tasks",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up step")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="task-vector storage")
     p.add_argument("--granularity", default="layer")
@@ -224,9 +228,10 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     for m in models:
         for t in tasks:
-            ref = _run_worker(args, m, "reference", t)
-            mer = _run_worker(args, m, "merged", t)
-            rows.append({"model": m, "tasks": t, "batch": args.batch, "dtype": args.dtype, "reference": ref, "merged": mer})
+            batch = args.per_task_batch * t if args.per_task_batch else args.batch
+            ref = _run_worker(args, m, "reference", t, batch)
+            mer = _run_worker(args, m, "merged", t, batch)
+            rows.append({"model": m, "tasks": t, "batch": batch, "dtype": args.dtype, "reference": ref, "merged": mer})
             print(
                 f"[{time.perf_counter() - start:6.1f}s] {m} T={t}: ref {ref['seconds']:.4f} s/step,"
                 f" merged {mer['seconds']:.4f} s/step (coefficients {mer['coefficients']})",

@@ -1,0 +1,83 @@
+"""`adamerge demo --quick` on the real offline zoo: the structure of its outputs and the claim it
+makes (the recommended learned merge beats the best data-free baseline without hurting any task)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamerge.cli import main
+from adamerge.config import check_tasks, load_config
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def demo_out(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("demo") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
+    return out
+
+
+def test_demo_writes_results_plots_and_export(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    tasks = results["tasks"]
+    assert len(tasks) >= 3
+    methods = results["methods"]
+    for name in ("experts", "pretrained+heads", "weight_average", "task_arithmetic(lam=0.3)", "ties(lam=0.5)",
+                 "adamerging(task)", "adamerging(layer)", "adamerging(block)", "adamerging++(layer)"):
+        assert name in methods, name
+    for name, r in methods.items():
+        assert r["kind"] in ("reference", "data_free", "learned")
+        assert isinstance(r["uses_labels"], bool)
+        assert set(r["per_task"]) == set(tasks)
+        assert all(0.0 <= v <= 1.0 for v in r["per_task"].values())
+        assert abs(r["mean"] - sum(r["per_task"].values()) / len(tasks)) < 1e-9
+        assert r["seconds"] >= 0
+        if r["kind"] == "learned":
+            assert not r["uses_labels"]
+    assert results["recommended"] in methods and methods[results["recommended"]]["kind"] == "learned"
+    for name in ("results.md", "accuracy.png", "coefficients.png", "config.yaml"):
+        assert (demo_out / name).is_file(), name
+    assert (demo_out / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    export = demo_out / "export"
+    assert sorted(p.name for p in export.iterdir()) == ["README.md", "adamerge.json", "heads.safetensors", "model.safetensors"]
+
+
+def test_recommended_beats_data_free_and_hurts_no_task(demo_out):
+    results = json.loads((demo_out / "results.json").read_text())
+    methods = results["methods"]
+    best_data_free = max(r["mean"] for r in methods.values() if r["kind"] == "data_free")
+    rec = methods[results["recommended"]]
+    assert rec["mean"] > best_data_free
+    ta = methods["task_arithmetic(lam=0.3)"]["per_task"]
+    for task, acc in rec["per_task"].items():
+        assert acc >= ta[task] - 0.05, (task, acc, ta[task])
+
+
+def test_demo_export_reloads_to_the_learned_model(demo_out):
+    from adamerge.export import load_run
+    from adamerge.io.state_dicts import load_state_dict
+    from adamerge.zoo import create_backbone
+
+    results = json.loads((demo_out / "results.json").read_text())
+    run_dir = Path(load_config(demo_out / "config.yaml")["run_dir"])
+    merged, parts, _ = load_run(run_dir)
+    model = create_backbone(pretrained=False)
+    model.load_state_dict(load_state_dict(demo_out / "export" / "model.safetensors"), strict=True)
+    model.eval()
+    x = parts["streams"][0].inputs(torch.arange(4))
+    with torch.no_grad():
+        assert torch.allclose(model(x), merged(x), atol=1e-5)
+    meta = json.loads((demo_out / "export" / "adamerge.json").read_text())
+    rec = results["methods"][results["recommended"]]
+    assert meta["metrics"]["mean"] == pytest.approx(rec["mean"])
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "demo.yaml", "vit_b32_8tasks.yaml"])
+def test_example_configs_parse(name):
+    cfg = load_config(CONFIGS / name)
+    assert len(check_tasks(cfg)) >= 3
