@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from adamerge.data import LinearHead, stream_from_tensors
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
