@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -173,7 +174,10 @@ def fit(
     )
     before = evaluate(merged, heads, streams, eval_batch_size) if trainer.is_global_zero else None
     start = time.perf_counter()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no GPU/TPU banners, no tips
     with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", ".*LeafSpec.*")
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
         warnings.filterwarnings("ignore", ".*IterableDataset.*|.*Checkpoint directory.*exists.*")
         trainer.fit(module, datamodule=StepDataModule(streams, cfg.batch_size, cfg.steps, seed), ckpt_path=str(last) if resume else None)
