@@ -207,7 +207,7 @@ def plot_accuracy(results: dict, path: Path) -> None:
     ax.set_xticklabels(names, rotation=60, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.legend(fontsize=8, ncol=len(tasks) + 1, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.set_title("accuracy per method and task")
     fig.tight_layout()
     _save_fig(fig, path)
