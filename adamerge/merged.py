@@ -23,36 +23,38 @@ from adamerge.task_vectors import TaskVectors
 BUFFER_POLICIES = ("base", "average", "reestimate")
 
 
-class _WeightedSum(torch.autograd.Function):
-    """``Σ_t w[t] * τ[t]`` over the leading axis, in ``w``'s dtype, saving only references.
+class _MergeTensor(torch.autograd.Function):
+    """``base + Σ_t w[t] * τ[t]`` in ``w``'s dtype, saving only references.
 
-    ``w`` is ``[T]`` (one coefficient per task) or broadcastable to ``τ`` (element coefficients,
-    masks). Autograd's tensordot would keep a converted copy of a bfloat16 τ alive until the
-    backward; this converts on the fly in both passes instead.
+    ``w`` is ``[T]`` (one coefficient per task: a single ``addmv`` pass over τ, no temporary
+    delta tensor) or broadcastable to ``τ`` (element coefficients, masks). Autograd's own ops
+    would keep a converted copy of a bfloat16 τ alive until the backward; this converts on the
+    fly in both passes instead. The base gets no gradient (it is a frozen buffer).
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, tau: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(weights, tau)
         t = tau.to(weights.dtype)
         if weights.dim() == 1:
-            return torch.tensordot(weights, t, dims=1)
-        return (weights * t).sum(0)
+            flat = torch.addmv(base.reshape(-1).to(weights.dtype), t.reshape(t.shape[0], -1).t(), weights)
+            return flat.view(base.shape).to(base.dtype)
+        return (base + (weights * t).sum(0)).to(base.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weights, tau = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None
+            return None, None, None
         t = tau.to(grad.dtype)
         if weights.dim() == 1:
-            return t.reshape(t.shape[0], -1) @ grad.reshape(-1), None
-        return (t * grad).sum_to_size(weights.shape), None
+            return t.reshape(t.shape[0], -1) @ grad.reshape(-1), None, None
+        return (t * grad).sum_to_size(weights.shape), None, None
 
 
-def weighted_sum(weights: Tensor, tau: Tensor) -> Tensor:
-    """Differentiable (in ``weights``) sum of the stacked task vectors ``tau`` over tasks."""
-    return _WeightedSum.apply(weights, tau)
+def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:
+    """``base + Σ_t weights[t] · tau[t]``, differentiable in ``weights`` only."""
+    return _MergeTensor.apply(weights, tau, base)
 
 
 def _meta_copy(model: nn.Module) -> nn.Module:
@@ -223,7 +225,7 @@ class MergedModel(nn.Module):
                 if weights.dim() == 1:
                     weights = weights.reshape(-1, *([1] * (tau.dim() - 1)))
                 weights = weights * mask.to(tau.device)
-            out[key] = base + weighted_sum(weights, tau).to(base.dtype)
+            out[key] = merge_tensor(weights, tau, base)
         return out
 
     def current_buffers(self) -> dict[str, Tensor]:

@@ -16,7 +16,7 @@ from torch.func import functional_call
 from adamerge import merges
 from adamerge.errors import InputError
 from adamerge.granularity import make_grouping
-from adamerge.merged import MergedModel, weighted_sum
+from adamerge.merged import MergedModel, merge_tensor
 from adamerge.methods.data_free import build_data_free
 from adamerge.task_vectors import TaskVectors
 
@@ -253,15 +253,20 @@ def test_merged_parameters_match_hand_computation(make_zoo, backbone, spec, clam
         assert torch.equal(got[k], base[k])
 
 
-def test_weighted_sum_matches_loop():
+def test_merge_tensor_matches_loop():
     gen = torch.Generator().manual_seed(0)
     tau = torch.randn(3, 4, 5, generator=gen)
+    base = torch.randn(4, 5, generator=gen)
     w = torch.randn(3, generator=gen)
-    assert torch.allclose(weighted_sum(w, tau), sum(w[t] * tau[t] for t in range(3)), atol=ATOL)
+    assert torch.allclose(merge_tensor(w, tau, base), base + sum(w[t] * tau[t] for t in range(3)), atol=ATOL)
     we = torch.randn(3, 4, 5, generator=gen)
-    assert torch.allclose(weighted_sum(we, tau), (we * tau).sum(0), atol=ATOL)
-    # bfloat16 storage: computed in the weights' dtype
-    assert weighted_sum(w, tau.bfloat16()).dtype == torch.float32
+    assert torch.allclose(merge_tensor(we, tau, base), base + (we * tau).sum(0), atol=ATOL)
+    # bfloat16 storage: computed in the weights' dtype, returned in the base's
+    assert merge_tensor(w, tau.bfloat16(), base).dtype == torch.float32
+    # gradients in float64 for both weight shapes
+    tau64, base64 = tau.double(), base.double()
+    for weights in (w.double().requires_grad_(), we.double().requires_grad_()):
+        assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau64, base64), (weights,))
 
 
 def _gradcheck(mm, x, coefficients, seed=0):
