@@ -7,6 +7,7 @@ and loop state only: the task vectors are non-persistent buffers and the heads a
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import time
@@ -46,7 +47,7 @@ class MergeModule(L.LightningModule):
         for p in self.heads.parameters():
             p.requires_grad_(False)
         self.cfg = cfg
-        self.objective = get_objective(cfg.objective)
+        self.objective = functools.partial(get_objective(cfg.objective), **cfg.objective_args)
         self.strict_loading = False  # checkpoints leave the frozen heads out
 
     def forward(self, x: Tensor) -> Tensor:

@@ -205,3 +205,11 @@ def test_other_granularities_and_adamerging_pp(zoo_dir, tmp_path, granularity):
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["options"]["ties_density"] == 0.2 and results["steps"] == 5
+
+
+def test_objective_and_its_arguments_come_from_options(zoo_dir, tmp_path):
+    cfg = write_config(tmp_path, zoo_dir, **{"options.steps": 3, "options.objective": "infomax"})
+    assert main(["fit", "--config", str(cfg), "--no-progress", "--options.objective_args.diversity", "0.5"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["options"]["objective"] == "infomax"
+    assert results["options"]["objective_args"] == {"diversity": 0.5}

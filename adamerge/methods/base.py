@@ -21,6 +21,7 @@ class MethodConfig:
     clamp: tuple[float, float] | None = (0.0, 1.0)
     simplex: bool = False
     objective: str = "entropy"
+    objective_args: dict = field(default_factory=dict)  # e.g. {"diversity": 0.5} for infomax
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
