@@ -94,9 +94,3 @@ def merged_state(base: Mapping[str, Tensor], delta: Mapping[str, Tensor], keys=N
             out[k] = v.clone()
     return out
 
-
-DATA_FREE = {
-    "weight_average": lambda stacks, **kw: weight_average(stacks),
-    "task_arithmetic": task_arithmetic,
-    "ties": ties,
-}

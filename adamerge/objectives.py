@@ -68,7 +68,6 @@ OBJECTIVES: dict[str, Objective] = {
     "infomax": infomax,
     "cross_entropy": cross_entropy,
 }
-UNSUPERVISED = ("entropy", "entropy_norm", "reliable_entropy", "infomax")
 
 
 def get_objective(name: str) -> Objective:

@@ -191,15 +191,6 @@ class TaskVectors:
             for k, v in self.base.items()
         }
 
-    def map_vectors(self, fn: Callable[[str, Tensor], Tensor]) -> "TaskVectors":
-        """A new TaskVectors with ``fn(key, stacked)`` applied to each stack (e.g. TIES trimming)."""
-        return TaskVectors(
-            self.base,
-            {k: fn(k, v).to(v.dtype) for k, v in self.vectors.items()},
-            self.task_names,
-            self.sources,
-        )
-
     def __repr__(self) -> str:
         n = sum(v[0].numel() for v in self.vectors.values())
         return (

@@ -7,6 +7,7 @@ and loop state only: the task vectors are non-persistent buffers and the heads a
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import logging
@@ -191,7 +192,7 @@ def fit(
     after = evaluate(merged, heads, streams, eval_batch_size)
     save_coefficients(run_dir, merged)
     _collect_metrics(run_dir)
-    results = {"method": method, "options": _jsonable(cfg.__dict__), "seconds": seconds, "steps": trainer.global_step}
+    results = {"method": method, "options": dataclasses.asdict(cfg), "seconds": seconds, "steps": trainer.global_step}
     if before is not None and after is not None:
         results |= {"before": before, "after": after}
     atomic_write_json(run_dir / "results.json", results)
@@ -242,14 +243,6 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     """Rows of ``metrics.csv`` (empty cells dropped)."""
     with open(Path(run_dir) / "metrics.csv", newline="") as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
-
-
-def _jsonable(obj):
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    return obj
 
 
 def reestimate_batches(streams: Sequence[TaskStream], batch_size: int):
