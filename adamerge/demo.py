@@ -47,8 +47,13 @@ LEARNED: dict[str, tuple[str, dict]] = {
     "adamerging++(layer)": ("adamerging++", {"granularity": "layer", "lr": 1e-2}),
     "adamerging(layer,infomax)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "infomax"}),
     "adamerging(layer,reliable_entropy)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "reliable_entropy"}),
+    "adamerging(layer,infomax,floor=0.9)": (
+        "adamerging",
+        {"granularity": "layer", "lr": 1e-2, "objective": "infomax", "objective_args": {"floor": 0.9}},
+    ),
 }
-RECOMMENDED = "adamerging(layer,infomax)"
+# One fixed choice for every run (chosen on seeds 0-2, checked on held-out seeds; README).
+RECOMMENDED = "adamerging(layer,infomax,floor=0.9)"
 
 
 def _slug(name: str) -> str:

@@ -159,6 +159,8 @@ def fit(
 
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
     opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # no GPU/TPU banners, no tips
     trainer = L.Trainer(
         max_steps=cfg.steps,
         max_epochs=-1,
@@ -176,8 +178,6 @@ def fit(
     )
     before = evaluate(merged, heads, streams, eval_batch_size) if trainer.is_global_zero else None
     start = time.perf_counter()
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # no GPU/TPU banners, no tips
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*LeafSpec.*")
         warnings.filterwarnings("ignore", ".*does not have many workers.*")
