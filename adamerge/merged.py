@@ -23,33 +23,54 @@ from adamerge.task_vectors import TaskVectors
 BUFFER_POLICIES = ("base", "average", "reestimate")
 
 
+CPU_CHUNK = 1 << 15
+"""Elements per block of the CPU merge (0: one BLAS call per tensor). Blocking keeps each
+block of the output in cache while the T rows of τ stream past it, and converts a bfloat16 τ
+block by block instead of into a float32 copy of the whole ``[T, *shape]`` stack."""
+
+
+def _blocks(n: int, device: torch.device) -> list[slice]:
+    if device.type != "cpu" or CPU_CHUNK <= 0 or n <= CPU_CHUNK:
+        return [slice(0, n)]
+    return [slice(s, min(s + CPU_CHUNK, n)) for s in range(0, n, CPU_CHUNK)]
+
+
 class _MergeTensor(torch.autograd.Function):
     """``base + Σ_t w[t] * τ[t]`` in ``w``'s dtype, saving only references.
 
-    ``w`` is ``[T]`` (one coefficient per task: a single ``addmv`` pass over τ, no temporary
-    delta tensor) or broadcastable to ``τ`` (element coefficients, masks). Autograd's own ops
-    would keep a converted copy of a bfloat16 τ alive until the backward; this converts on the
-    fly in both passes instead. The base gets no gradient (it is a frozen buffer).
+    ``w`` is ``[T]`` (one coefficient per task: ``addmv`` over τ, no temporary delta tensor,
+    blocked on the CPU, see :data:`CPU_CHUNK`) or broadcastable to ``τ`` (element coefficients,
+    masks). Autograd's own ops would keep a converted copy of a bfloat16 τ alive until the
+    backward; this converts on the fly in both passes instead. The base gets no gradient (it is
+    a frozen buffer).
     """
 
     @staticmethod
     def forward(ctx, weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:  # type: ignore[override]
         ctx.save_for_backward(weights, tau)
-        t = tau.to(weights.dtype)
+        dtype = weights.dtype
         if weights.dim() == 1:
-            flat = torch.addmv(base.reshape(-1).to(weights.dtype), t.reshape(t.shape[0], -1).t(), weights)
-            return flat.view(base.shape).to(base.dtype)
-        return (base + (weights * t).sum(0)).to(base.dtype)
+            rows, flat = tau.reshape(tau.shape[0], -1), base.reshape(-1)
+            out = torch.empty(flat.shape, dtype=dtype, device=base.device)
+            for b in _blocks(flat.numel(), base.device):
+                torch.addmv(flat[b].to(dtype), rows[:, b].t().to(dtype), weights, out=out[b])
+            return out.view(base.shape).to(base.dtype)
+        return (base + (weights * tau.to(dtype)).sum(0)).to(base.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weights, tau = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
             return None, None, None
-        t = tau.to(grad.dtype)
+        dtype = grad.dtype
         if weights.dim() == 1:
-            return t.reshape(t.shape[0], -1) @ grad.reshape(-1), None, None
-        return (t * grad).sum_to_size(weights.shape), None, None
+            rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
+            blocks = _blocks(flat.numel(), grad.device)
+            out = rows[:, blocks[0]].to(dtype) @ flat[blocks[0]]
+            for b in blocks[1:]:
+                out.addmv_(rows[:, b].to(dtype), flat[b])
+            return out, None, None
+        return (tau.to(dtype) * grad).sum_to_size(weights.shape), None, None
 
 
 def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:

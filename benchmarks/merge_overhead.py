@@ -116,8 +116,13 @@ def worker(args: argparse.Namespace) -> dict:
 
         result["held_model_units"] = None
     else:
+        import adamerge.merged
         from adamerge.merged import MergedModel
         from adamerge.task_vectors import STORAGE_DTYPES, TaskVectors
+
+        if args.cpu_chunk is not None:
+            adamerge.merged.CPU_CHUNK = args.cpu_chunk
+        result["cpu_chunk"] = adamerge.merged.CPU_CHUNK
 
         for p in model.parameters():
             p.requires_grad_(False)
@@ -157,7 +162,7 @@ def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int, bat
         "--batch", str(batch), "--repeats", str(args.repeats), "--dtype", args.dtype,
         "--threads", str(args.threads), "--min-time", str(args.min_time),
         "--granularity", args.granularity,
-    ]  # fmt: skip
+    ] + (["--cpu-chunk", str(args.cpu_chunk)] if args.cpu_chunk is not None else [])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -203,6 +208,10 @@ def main(argv: list[str] | None = None) -> None:
         help="torch intra-op threads (default 1: on a shared, busy 2-core machine two spin-waiting"
         " OpenMP threads made ViT-B/32 steps 4x slower and tiny-model timings meaningless)",
     )  # fmt: skip
+    p.add_argument(
+        "--cpu-chunk", type=int, default=None,
+        help="elements per block of the CPU merge (adamerge.merged.CPU_CHUNK; 0 = one BLAS call per tensor)",
+    )  # fmt: skip
     p.add_argument("--min-time", type=float, default=0.5, help="seconds a timed repeat lasts at least")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     # internal: one measurement in this process
@@ -240,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     print(
         f"granularity={args.granularity}, threads={args.threads}, repeats={args.repeats} (best of),"
+        f" cpu_chunk={rows[0]['merged']['cpu_chunk'] if rows else None},"
         f" task vectors stored as {args.dtype}; model size: "
         + ", ".join(f"{r['model']} {r['merged']['model_mb']:.1f} MB ({r['merged']['tensors']} tensors)" for r in rows[:: len(tasks)])
     )

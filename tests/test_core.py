@@ -253,7 +253,11 @@ def test_merged_parameters_match_hand_computation(make_zoo, backbone, spec, clam
         assert torch.equal(got[k], base[k])
 
 
-def test_merge_tensor_matches_loop():
+@pytest.mark.parametrize("chunk", [0, 7, 1 << 15], ids=["one-call", "blocks-of-7", "default"])
+def test_merge_tensor_matches_loop(monkeypatch, chunk):
+    import adamerge.merged
+
+    monkeypatch.setattr(adamerge.merged, "CPU_CHUNK", chunk)  # 20 elements: 3 blocks of 7
     gen = torch.Generator().manual_seed(0)
     tau = torch.randn(3, 4, 5, generator=gen)
     base = torch.randn(4, 5, generator=gen)
@@ -263,10 +267,25 @@ def test_merge_tensor_matches_loop():
     assert torch.allclose(merge_tensor(we, tau, base), base + (we * tau).sum(0), atol=ATOL)
     # bfloat16 storage: computed in the weights' dtype, returned in the base's
     assert merge_tensor(w, tau.bfloat16(), base).dtype == torch.float32
+    bf = tau.bfloat16()
+    expected = base + sum(w[t] * bf[t].float() for t in range(3))
+    assert torch.allclose(merge_tensor(w, bf, base), expected, atol=ATOL)
     # gradients in float64 for both weight shapes
     tau64, base64 = tau.double(), base.double()
     for weights in (w.double().requires_grad_(), we.double().requires_grad_()):
         assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau64, base64), (weights,))
+
+
+def test_blocked_merge_of_a_large_tensor_matches_float64():
+    gen = torch.Generator().manual_seed(1)
+    tau = torch.randn(4, 70_001, generator=gen)  # > 2 default CPU blocks, the last one partial
+    base = torch.randn(70_001, generator=gen)
+    w = torch.rand(4, generator=gen, requires_grad=True)
+    out = merge_tensor(w, tau, base)
+    assert torch.allclose(out.double(), base.double() + w.detach().double() @ tau.double(), atol=1e-5)
+    g = torch.randn(70_001, generator=gen)
+    out.backward(g)
+    assert torch.allclose(w.grad.double(), tau.double() @ g.double(), rtol=1e-5, atol=1e-3)
 
 
 def _gradcheck(mm, x, coefficients, seed=0):

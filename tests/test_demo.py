@@ -58,6 +58,19 @@ def test_recommended_beats_data_free_and_hurts_no_task(demo_out):
         assert acc >= ta[task] - 0.05, (task, acc, ta[task])
 
 
+def test_demo_summary_script_reads_the_verdict(demo_out):
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "demo_summary.py"
+    summarize = runpy.run_path(str(script))["summarize"]
+    row = summarize(demo_out)
+    results = json.loads((demo_out / "results.json").read_text())
+    assert row["recommended"] == results["recommended"]
+    assert row["recommended_mean"] == results["methods"][results["recommended"]]["mean"]
+    assert row["best_data_free_mean"] == max(r["mean"] for r in results["methods"].values() if r["kind"] == "data_free")
+    assert row["wins"] is True and row["worst_change"] >= -0.05
+
+
 def test_demo_export_reloads_to_the_learned_model(demo_out):
     from adamerge.export import load_run
     from adamerge.io.state_dicts import load_state_dict
