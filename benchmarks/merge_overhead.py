@@ -11,11 +11,16 @@ Models: ``tiny`` (the tiny open_clip ViT of :mod:`adamerge.zoo.tiny`, 16 px) and
 are random perturbations (``0.01 * N(0, 1)``) built straight into the stacked ``[T, *shape]``
 layout, so the numbers show the steady state of training, not the loading of T checkpoints.
 
-Every measurement runs in a fresh subprocess (``--worker``) so that each peak RSS (``VmHWM``
-from ``/proc/self/status``) belongs to one configuration; the reference is re-measured next to
-every merged configuration so that both see the same machine load. Timings are the best of
-``--repeats`` timed repeats after one warm-up step; a repeat runs as many steps as fit in
-``--min-time`` seconds (at least one), so tiny models are not timed by a single millisecond.
+Timing: one subprocess holds both the reference and the merged model and alternates their
+steps (``--pairs`` pairs, the order flipped every pair, after one warm-up step each), so slow
+drifts of a shared machine's load hit both alike; the overhead is the median of the per-pair
+ratios, and "range" their min..max. "merge alone" is the median time of the merge's own forward
+and backward (no network), as a share of the reference step: the part of the overhead that
+the merge itself costs, far less sensitive to machine noise than the difference of two long
+steps. A timed unit runs as many steps as fit in ``--min-time``
+seconds (at least one), so tiny models are not timed by a single millisecond. Memory: each peak
+RSS (``VmHWM`` from ``/proc/self/status``) comes from a fresh subprocess that holds only one of
+the two models.
 
 Example::
 
@@ -25,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -84,6 +90,101 @@ def _time_steps(step, repeats: int, min_time: float) -> tuple[float, int]:
     return best, steps
 
 
+def _reference_step(model, x):
+    """One forward + backward of the plain model with trainable weights."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        loss = model(x).float().pow(2).mean()
+        loss.backward()
+
+    return step
+
+
+def _merged_step(model, x, args, gen, result: dict):
+    """One merge + forward + backward to the coefficients; fills the memory fields of ``result``."""
+    import torch
+
+    import adamerge.merged
+    from adamerge.merged import MergedModel
+    from adamerge.task_vectors import STORAGE_DTYPES, TaskVectors
+
+    if args.cpu_chunk is not None:
+        adamerge.merged.CPU_CHUNK = args.cpu_chunk
+    result["cpu_chunk"] = adamerge.merged.CPU_CHUNK
+    params = dict(model.named_parameters())
+    model_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    dtype = STORAGE_DTYPES[args.dtype]
+    base = {k: v.detach() for k, v in model.state_dict().items()}  # shares the model's storage
+    vectors = {}
+    for k, v in base.items():
+        if v.is_floating_point():
+            stack = torch.empty((args.tasks, *v.shape), dtype=dtype)
+            for t in range(args.tasks):
+                stack[t] = (0.01 * torch.randn(v.shape, generator=gen)).to(dtype)
+            vectors[k] = stack
+    tv = TaskVectors(base, vectors, [f"task{t}" for t in range(args.tasks)])
+    mm = MergedModel(model, tv, granularity=args.granularity, init=0.3, clamp=(0.0, 1.0)).train()
+
+    def step():
+        mm.zero_grad(set_to_none=True)
+        loss = mm(x).float().pow(2).mean()
+        loss.backward()
+        assert mm.coefficients.grad is not None
+
+    def merge_only():  # the merge's own forward and backward, no network
+        mm.zero_grad(set_to_none=True)
+        merged = mm.merged_parameters()
+        torch.autograd.backward(list(merged.values()), [torch.ones_like(v) for v in merged.values()])
+
+    step.merge_only = merge_only
+    held = mm.nbytes()
+    result["held_model_units"] = sum(held.values()) / model_bytes
+    result["held"] = {k: v / 2**20 for k, v in held.items()}
+    result["coefficients"] = list(mm.coefficients.shape)
+    return step
+
+
+def _time_pairs(ref_step, merged_step, pairs: int, min_time: float) -> dict:
+    """Alternate reference and merged steps (order flipped every pair, so drifting machine load
+    hits both alike) after one warm-up each; medians and the median per-pair ratio. Each timed
+    unit runs as many steps as fit in ``min_time`` (the same count for both)."""
+    import statistics
+
+    warm = []
+    for step in (ref_step, merged_step):
+        t0 = time.perf_counter()
+        step()
+        warm.append(time.perf_counter() - t0)
+    n = max(1, int(min_time / max(max(warm), 1e-6)))
+    ref, mer = [], []
+    for i in range(pairs):
+        order = ((ref_step, ref), (merged_step, mer)) if i % 2 == 0 else ((merged_step, mer), (ref_step, ref))
+        for step, times in order:
+            t0 = time.perf_counter()
+            for _ in range(n):
+                step()
+            times.append((time.perf_counter() - t0) / n)
+    ratios = [m / r for m, r in zip(mer, ref)]
+    merge = []
+    for _ in range(max(pairs, 5)):
+        t0 = time.perf_counter()
+        merged_step.merge_only()
+        merge.append(time.perf_counter() - t0)
+    return {
+        "merge_seconds": statistics.median(merge),
+        "ref_seconds": statistics.median(ref),
+        "merged_seconds": statistics.median(mer),
+        "ratio": statistics.median(ratios),
+        "ratio_min": min(ratios),
+        "ratio_max": max(ratios),
+        "pairs": pairs,
+        "steps_per_unit": n,
+    }
+
+
 def worker(args: argparse.Namespace) -> dict:
     import adamerge  # noqa: F401  (makes torchvision/open_clip importable on CPU torch)
     import torch
@@ -105,49 +206,14 @@ def worker(args: argparse.Namespace) -> dict:
         "tensors": len(params),
     }
 
+    if args.kind == "paired":  # both models in this process, steps interleaved: the timing
+        result.update(_time_pairs(_reference_step(copy.deepcopy(model), x), _merged_step(model, x, args, gen, result), args.pairs, args.min_time))
+        return result
     if args.kind == "reference":
-        for p in model.parameters():
-            p.requires_grad_(True)
-
-        def step():
-            model.zero_grad(set_to_none=True)
-            loss = model(x).float().pow(2).mean()
-            loss.backward()
-
+        step = _reference_step(model, x)
         result["held_model_units"] = None
     else:
-        import adamerge.merged
-        from adamerge.merged import MergedModel
-        from adamerge.task_vectors import STORAGE_DTYPES, TaskVectors
-
-        if args.cpu_chunk is not None:
-            adamerge.merged.CPU_CHUNK = args.cpu_chunk
-        result["cpu_chunk"] = adamerge.merged.CPU_CHUNK
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        dtype = STORAGE_DTYPES[args.dtype]
-        base = {k: v.detach() for k, v in model.state_dict().items()}  # shares the model's storage
-        vectors = {}
-        for k, v in base.items():
-            if v.is_floating_point():
-                stack = torch.empty((args.tasks, *v.shape), dtype=dtype)
-                for t in range(args.tasks):
-                    stack[t] = (0.01 * torch.randn(v.shape, generator=gen)).to(dtype)
-                vectors[k] = stack
-        tv = TaskVectors(base, vectors, [f"task{t}" for t in range(args.tasks)])
-        mm = MergedModel(model, tv, granularity=args.granularity, init=0.3, clamp=(0.0, 1.0)).train()
-
-        def step():
-            mm.zero_grad(set_to_none=True)
-            loss = mm(x).float().pow(2).mean()
-            loss.backward()
-            assert mm.coefficients.grad is not None
-
-        held = mm.nbytes()
-        result["held_model_units"] = sum(held.values()) / model_bytes
-        result["held"] = {k: v / 2**20 for k, v in held.items()}
-        result["coefficients"] = list(mm.coefficients.shape)
+        step = _merged_step(model, x, args, gen, result)
 
     seconds, steps = _time_steps(step, args.repeats, args.min_time)
     result.update(seconds=seconds, steps_per_repeat=steps, peak_rss_mb=_peak_rss_mb())
@@ -159,8 +225,9 @@ def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int, bat
     cmd = [
         sys.executable, os.path.abspath(__file__), "--worker",
         "--kind", kind, "--model", model, "--tasks-one", str(tasks),
-        "--batch", str(batch), "--repeats", str(args.repeats), "--dtype", args.dtype,
-        "--threads", str(args.threads), "--min-time", str(args.min_time),
+        "--batch", str(batch), "--pairs", str(args.pairs), "--dtype", args.dtype, "--threads", str(args.threads),
+        # the separate processes only measure memory: one warm-up and one timed step
+        "--min-time", str(args.min_time if kind == "paired" else 0.0), "--repeats", "1",
         "--granularity", args.granularity,
     ] + (["--cpu-chunk", str(args.cpu_chunk)] if args.cpu_chunk is not None else [])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -173,16 +240,18 @@ def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int, bat
 
 def _table(rows: list[dict]) -> str:
     head = (
-        "model", "T", "batch", "dtype", "ref s/step", "merged s/step", "overhead %",
+        "model", "T", "batch", "dtype", "ref s/step", "merged s/step", "overhead %", "range %", "merge alone %",
         "ref peak RSS MB", "merged peak RSS MB", "held / model",
     )  # fmt: skip
     lines = [head]
     for r in rows:
-        ref, mer = r["reference"], r["merged"]
+        ref, mer, pair = r["reference"], r["merged"], r["paired"]
         lines.append((
             r["model"], str(r["tasks"]), str(r["batch"]), r["dtype"],
-            f"{ref['seconds']:.4f}", f"{mer['seconds']:.4f}",
-            f"{100.0 * (mer['seconds'] / ref['seconds'] - 1.0):+.1f}",
+            f"{pair['ref_seconds']:.4f}", f"{pair['merged_seconds']:.4f}",
+            f"{100.0 * (pair['ratio'] - 1.0):+.1f}",
+            f"{100.0 * (pair['ratio_min'] - 1.0):+.0f}..{100.0 * (pair['ratio_max'] - 1.0):+.0f}",
+            f"{100.0 * pair['merge_seconds'] / pair['ref_seconds']:.1f}",
             f"{ref['peak_rss_mb']:.0f}", f"{mer['peak_rss_mb']:.0f}",
             f"{mer['held_model_units']:.2f}",
         ))  # fmt: skip
@@ -200,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         "--per-task-batch", type=int, default=None,
         help="images per task per step: the batch is this times T, as in one AdaMerging step over all tasks",
     )  # fmt: skip
-    p.add_argument("--repeats", type=int, default=2, help="timed repeats after one warm-up step")
+    p.add_argument("--pairs", type=int, default=5, help="timed (reference, merged) step pairs after one warm-up each")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="task-vector storage")
     p.add_argument("--granularity", default="layer")
     p.add_argument(
@@ -212,11 +281,12 @@ def main(argv: list[str] | None = None) -> None:
         "--cpu-chunk", type=int, default=None,
         help="elements per block of the CPU merge (adamerge.merged.CPU_CHUNK; 0 = one BLAS call per tensor)",
     )  # fmt: skip
-    p.add_argument("--min-time", type=float, default=0.5, help="seconds a timed repeat lasts at least")
+    p.add_argument("--min-time", type=float, default=0.5, help="seconds a timed unit lasts at least (tiny models: many steps)")
     p.add_argument("--json", default=None, help="also write the raw results to this file")
     # internal: one measurement in this process
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--kind", choices=("reference", "merged"), help=argparse.SUPPRESS)
+    p.add_argument("--kind", choices=("reference", "merged", "paired"), help=argparse.SUPPRESS)
+    p.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tasks-one", dest="tasks_one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -238,17 +308,20 @@ def main(argv: list[str] | None = None) -> None:
     for m in models:
         for t in tasks:
             batch = args.per_task_batch * t if args.per_task_batch else args.batch
+            pair = _run_worker(args, m, "paired", t, batch)
             ref = _run_worker(args, m, "reference", t, batch)
             mer = _run_worker(args, m, "merged", t, batch)
-            rows.append({"model": m, "tasks": t, "batch": batch, "dtype": args.dtype, "reference": ref, "merged": mer})
+            row = {"model": m, "tasks": t, "batch": batch, "dtype": args.dtype, "paired": pair, "reference": ref, "merged": mer}
+            rows.append(row)
             print(
-                f"[{time.perf_counter() - start:6.1f}s] {m} T={t}: ref {ref['seconds']:.4f} s/step,"
-                f" merged {mer['seconds']:.4f} s/step (coefficients {mer['coefficients']})",
+                f"[{time.perf_counter() - start:6.1f}s] {m} T={t}: ref {pair['ref_seconds']:.4f} s/step,"
+                f" merged {pair['merged_seconds']:.4f} s/step, ratio {pair['ratio']:.3f}"
+                f" (coefficients {mer['coefficients']})",
                 file=sys.stderr,
                 flush=True,
             )
     print(
-        f"granularity={args.granularity}, threads={args.threads}, repeats={args.repeats} (best of),"
+        f"granularity={args.granularity}, threads={args.threads}, {args.pairs} interleaved step pairs (medians),"
         f" cpu_chunk={rows[0]['merged']['cpu_chunk'] if rows else None},"
         f" task vectors stored as {args.dtype}; model size: "
         + ", ".join(f"{r['model']} {r['merged']['model_mb']:.1f} MB ({r['merged']['tensors']} tensors)" for r in rows[:: len(tasks)])
