@@ -11,9 +11,10 @@ Models: ``tiny`` (the tiny open_clip ViT of :mod:`adamerge.zoo.tiny`, 16 px) and
 are random perturbations (``0.01 * N(0, 1)``) built straight into the stacked ``[T, *shape]``
 layout, so the numbers show the steady state of training, not the loading of T checkpoints.
 
-Timing: one subprocess holds both the reference and the merged model and alternates their
-steps (``--pairs`` pairs, the order flipped every pair, after one warm-up step each), so slow
-drifts of a shared machine's load hit both alike; the overhead is the median of the per-pair
+Timing: one subprocess holds both the reference and the merged model and alternates blocks of
+their steps (``--pairs`` pairs, the order flipped every pair; each block starts with one untimed
+step so that each model is timed in its own steady state, as in training), so slow drifts of a
+shared machine's load hit both alike; the overhead is the median of the per-pair
 ratios, and "range" their min..max. "merge alone" is the median time of the merge's own forward
 and backward (no network), as a share of the reference step: the part of the overhead that
 the merge itself costs, far less sensitive to machine noise than the difference of two long
@@ -148,9 +149,11 @@ def _merged_step(model, x, args, gen, result: dict):
 
 
 def _time_pairs(ref_step, merged_step, pairs: int, min_time: float) -> dict:
-    """Alternate reference and merged steps (order flipped every pair, so drifting machine load
-    hits both alike) after one warm-up each; medians and the median per-pair ratio. Each timed
-    unit runs as many steps as fit in ``min_time`` (the same count for both)."""
+    """Alternate blocks of reference and merged steps (order flipped every pair, so drifting
+    machine load hits both alike). Each block starts with one untimed step (switching models
+    leaves the allocator's free lists shaped by the other model; a training run only ever runs
+    one), then times as many steps as fit in ``min_time`` (at least one, the same count for
+    both). Medians and the median per-pair ratio."""
     import statistics
 
     warm = []
@@ -163,6 +166,7 @@ def _time_pairs(ref_step, merged_step, pairs: int, min_time: float) -> dict:
     for i in range(pairs):
         order = ((ref_step, ref), (merged_step, mer)) if i % 2 == 0 else ((merged_step, mer), (ref_step, ref))
         for step, times in order:
+            step()  # settle
             t0 = time.perf_counter()
             for _ in range(n):
                 step()
@@ -269,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         "--per-task-batch", type=int, default=None,
         help="images per task per step: the batch is this times T, as in one AdaMerging step over all tasks",
     )  # fmt: skip
-    p.add_argument("--pairs", type=int, default=5, help="timed (reference, merged) step pairs after one warm-up each")
+    p.add_argument("--pairs", type=int, default=4, help="timed (reference, merged) step pairs after one warm-up each")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="task-vector storage")
     p.add_argument("--granularity", default="layer")
     p.add_argument(
