@@ -76,21 +76,6 @@ def _build_model(name: str):
     raise SystemExit(f"unknown model '{name}'; choose from {MODELS}")
 
 
-def _time_steps(step, repeats: int, min_time: float) -> tuple[float, int]:
-    """Best seconds per step over ``repeats`` timed repeats, after one warm-up step."""
-    t0 = time.perf_counter()
-    step()  # warm-up
-    warm = time.perf_counter() - t0
-    steps = max(1, int(min_time / max(warm, 1e-6)))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        best = min(best, (time.perf_counter() - t0) / steps)
-    return best, steps
-
-
 def _reference_step(model, x):
     """One forward + backward of the plain model with trainable weights."""
     for p in model.parameters():
@@ -105,7 +90,8 @@ def _reference_step(model, x):
 
 
 def _merged_step(model, x, args, gen, result: dict):
-    """One merge + forward + backward to the coefficients; fills the memory fields of ``result``."""
+    """One merge + forward + backward to the coefficients, and the merge's own forward + backward
+    alone (no network); fills the memory fields of ``result``."""
     import torch
 
     import adamerge.merged
@@ -140,15 +126,14 @@ def _merged_step(model, x, args, gen, result: dict):
         merged = mm.merged_parameters()
         torch.autograd.backward(list(merged.values()), [torch.ones_like(v) for v in merged.values()])
 
-    step.merge_only = merge_only
     held = mm.nbytes()
     result["held_model_units"] = sum(held.values()) / model_bytes
     result["held"] = {k: v / 2**20 for k, v in held.items()}
     result["coefficients"] = list(mm.coefficients.shape)
-    return step
+    return step, merge_only
 
 
-def _time_pairs(ref_step, merged_step, pairs: int, min_time: float) -> dict:
+def _time_pairs(ref_step, merged_step, merge_only, pairs: int, min_time: float) -> dict:
     """Alternate blocks of reference and merged steps (order flipped every pair, so drifting
     machine load hits both alike). Each block starts with one untimed step (switching models
     leaves the allocator's free lists shaped by the other model; a training run only ever runs
@@ -175,7 +160,7 @@ def _time_pairs(ref_step, merged_step, pairs: int, min_time: float) -> dict:
     merge = []
     for _ in range(max(pairs, 5)):
         t0 = time.perf_counter()
-        merged_step.merge_only()
+        merge_only()
         merge.append(time.perf_counter() - t0)
     return {
         "merge_seconds": statistics.median(merge),
@@ -210,17 +195,18 @@ def worker(args: argparse.Namespace) -> dict:
         "tensors": len(params),
     }
 
-    if args.kind == "paired":  # both models in this process, steps interleaved: the timing
-        result.update(_time_pairs(_reference_step(copy.deepcopy(model), x), _merged_step(model, x, args, gen, result), args.pairs, args.min_time))
+    if args.kind == "paired":  # both models in this process, blocks of steps interleaved: the timing
+        merged, merge_only = _merged_step(model, x, args, gen, result)
+        result.update(_time_pairs(_reference_step(copy.deepcopy(model), x), merged, merge_only, args.pairs, args.min_time))
         return result
+    # one model in this process: its peak memory over two steps
     if args.kind == "reference":
         step = _reference_step(model, x)
         result["held_model_units"] = None
     else:
-        step = _merged_step(model, x, args, gen, result)
-
-    seconds, steps = _time_steps(step, args.repeats, args.min_time)
-    result.update(seconds=seconds, steps_per_repeat=steps, peak_rss_mb=_peak_rss_mb())
+        step, _ = _merged_step(model, x, args, gen, result)
+    step(), step()
+    result["peak_rss_mb"] = _peak_rss_mb()
     return result
 
 
@@ -230,8 +216,7 @@ def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int, bat
         sys.executable, os.path.abspath(__file__), "--worker",
         "--kind", kind, "--model", model, "--tasks-one", str(tasks),
         "--batch", str(batch), "--pairs", str(args.pairs), "--dtype", args.dtype, "--threads", str(args.threads),
-        # the separate processes only measure memory: one warm-up and one timed step
-        "--min-time", str(args.min_time if kind == "paired" else 0.0), "--repeats", "1",
+        "--min-time", str(args.min_time),
         "--granularity", args.granularity,
     ] + (["--cpu-chunk", str(args.cpu_chunk)] if args.cpu_chunk is not None else [])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -290,7 +275,6 @@ def main(argv: list[str] | None = None) -> None:
     # internal: one measurement in this process
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--kind", choices=("reference", "merged", "paired"), help=argparse.SUPPRESS)
-    p.add_argument("--repeats", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--tasks-one", dest="tasks_one", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -183,15 +183,18 @@ def _find_idx(folder: Path, stem: str) -> Path | None:
     return None
 
 
+def _locate(env_var: str, defaults: Sequence[str], accept: Callable[[Path], bool]) -> Path | None:
+    """The first accepted path: ``$env_var`` alone when it is set, else the defaults in order."""
+    env = os.environ.get(env_var)
+    for c in [env] if env else defaults:
+        if accept(Path(c)):
+            return Path(c)
+    return None
+
+
 def _fashion_dir() -> Path | None:
     """The folder with the four Fashion-MNIST IDX files, or None if there is none."""
-    env = os.environ.get(FASHION_MNIST_ENV)
-    candidates = [env] if env else list(FASHION_MNIST_DIRS)
-    for c in candidates:
-        folder = Path(c)
-        if all(_find_idx(folder, s) for s in _FASHION_FILES):
-            return folder
-    return None
+    return _locate(FASHION_MNIST_ENV, FASHION_MNIST_DIRS, lambda d: all(_find_idx(d, s) for s in _FASHION_FILES))
 
 
 _FASHION_FILES = (
@@ -224,12 +227,7 @@ def _fashion_pool(folder: Path) -> _Pool:
 
 
 def _opencv_digits_path() -> Path | None:
-    env = os.environ.get(OPENCV_DIGITS_ENV)
-    candidates = [env] if env else list(OPENCV_DIGITS_PATHS)
-    for c in candidates:
-        if Path(c).is_file():
-            return Path(c)
-    return None
+    return _locate(OPENCV_DIGITS_ENV, OPENCV_DIGITS_PATHS, Path.is_file)
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,26 +264,28 @@ def split_digit_cells(sheet: np.ndarray, cell: int = 20, source: str = "digits.p
 # ----------------------------------------------------------------------------- registry
 
 
-def _fashion_loader() -> _Pool:
-    folder = _fashion_dir()
-    if folder is None:
-        where = os.environ.get(FASHION_MNIST_ENV) or ", ".join(FASHION_MNIST_DIRS)
-        raise InputError(
-            f"task 'fashion_mnist' needs the IDX files in {where} (Debian package "
-            f"'dataset-fashion-mnist', or set {FASHION_MNIST_ENV} to a folder with them)"
-        )
-    return _fashion_pool(folder)
+def _optional_loader(task: str, locate: Callable[[], Path | None], pool: Callable[[Path], _Pool],
+                     env_var: str, defaults: Sequence[str], needs: str) -> Callable[[], _Pool]:
+    """Loader of a task whose data is an optional system install: a clear error when it is absent."""
+
+    def load() -> _Pool:
+        found = locate()
+        if found is None:
+            where = os.environ.get(env_var) or ", ".join(defaults)
+            raise InputError(f"task '{task}' needs {needs} (looked in {where}); or set {env_var} to it")
+        return pool(found)
+
+    return load
 
 
-def _opencv_loader() -> _Pool:
-    path = _opencv_digits_path()
-    if path is None:
-        where = os.environ.get(OPENCV_DIGITS_ENV) or ", ".join(OPENCV_DIGITS_PATHS)
-        raise InputError(
-            f"task 'opencv_digits' needs OpenCV's digits.png (looked in {where}); install the "
-            f"Debian package 'opencv-doc' or set {OPENCV_DIGITS_ENV} to its path"
-        )
-    return _opencv_digits_pool(path)
+_fashion_loader = _optional_loader(
+    "fashion_mnist", _fashion_dir, _fashion_pool, FASHION_MNIST_ENV, FASHION_MNIST_DIRS,
+    "the Fashion-MNIST IDX files (Debian package 'dataset-fashion-mnist')",
+)  # fmt: skip
+_opencv_loader = _optional_loader(
+    "opencv_digits", _opencv_digits_path, _opencv_digits_pool, OPENCV_DIGITS_ENV, OPENCV_DIGITS_PATHS,
+    "OpenCV's digits.png (Debian package 'opencv-doc')",
+)  # fmt: skip
 
 
 def _importable(module: str) -> Callable[[], bool]:
