@@ -4,8 +4,9 @@ heads and streams. The resolved config is what a run folder saves as ``config.ya
 Schema (paths are relative to the config file)::
 
     seed: 0
-    model: {source: open_clip, name: ViT-B-32, checkpoint: null}   # or timm / tiny_vit / tiny_cnn /
-                                                                   # efficientnet_lite0 / python (target: "pkg.mod:fn")
+    model: {source: open_clip, name: ViT-B-32, checkpoint: null}   # a registered source (adamerge.sources):
+                                                                   # open_clip, timm, python (target: "pkg.mod:fn"),
+                                                                   # tiny_vit, tiny_cnn, efficientnet_lite0
     base: zeroshot.safetensors          # the pretrained state dict (keys as model.state_dict())
     prefix: null                        # strip this key prefix when reading weight files
     experts: {mnist: experts/mnist.safetensors, ...}
@@ -21,7 +22,6 @@ Schema (paths are relative to the config file)::
 from __future__ import annotations
 
 import copy
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,41 +115,11 @@ def resolve_paths(cfg: dict, root: Path) -> dict:
 
 
 def build_model(spec: dict) -> tuple[nn.Module, Callable | None]:
-    """The architecture and its preprocessing transform (``None`` if inputs come as tensors)."""
-    source = spec.get("source")
-    if source == "open_clip":
-        from adamerge.io.open_clip_models import create_open_clip
+    """The architecture and its preprocessing transform (``None`` if inputs come as tensors),
+    through the model-source registry (:mod:`adamerge.sources`)."""
+    from adamerge.sources import build_model as build
 
-        return create_open_clip(spec["name"], spec.get("checkpoint"))
-    if source == "timm":
-        from adamerge._compat import ensure_torchvision
-
-        ensure_torchvision()
-        import timm
-
-        model = timm.create_model(spec["name"], num_classes=0, pretrained=False)
-        data_cfg = timm.data.resolve_data_config({}, model=model)
-        return model, timm.data.create_transform(**data_cfg)
-    if source in ("tiny_vit", "tiny_cnn"):
-        from adamerge.zoo import tiny
-
-        return getattr(tiny, source)(spec.get("seed", 0)), None
-    if source == "efficientnet_lite0":
-        from adamerge.zoo.backbone import create_backbone
-
-        return create_backbone(pretrained=False), None
-    if source == "python":
-        target = spec.get("target", "")
-        if ":" not in target:
-            raise InputError("model.source python needs model.target 'package.module:function'")
-        mod, fn = target.split(":")
-        try:
-            return getattr(importlib.import_module(mod), fn)(**spec.get("kwargs", {})), None
-        except (ImportError, AttributeError) as err:
-            raise InputError(f"model.target {target}: {err}") from None
-    raise InputError(
-        f"unknown model.source '{source}'; use open_clip, timm, tiny_vit, tiny_cnn, efficientnet_lite0 or python"
-    )
+    return build(spec)
 
 
 def build_heads(cfg: dict, cache_dir: Path | None = None) -> dict[str, nn.Module]:

@@ -14,34 +14,30 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import yaml
-from safetensors import safe_open
-
 import adamerge
 from adamerge.config import build_all
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, sha256_file
 from adamerge.merged import MergedModel
-from adamerge.methods.base import create_method
+from adamerge.methods import create_method
+from adamerge.runs import RunFolder
 from adamerge.training import reestimate_batches
 
 
 def load_run(run_dir: str | Path) -> tuple[MergedModel, dict, dict]:
-    """Rebuild a run's merged model with its saved coefficients: (merged, parts, config)."""
-    run_dir = Path(run_dir)
-    for name in ("config.yaml", "coefficients.safetensors"):
-        if not (run_dir / name).is_file():
-            raise InputError(f"{run_dir} is not a finished run: {name} is missing")
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    """Rebuild a finished run's merged model with its saved coefficients and method state:
+    (merged, parts, config). An unfinished run is refused with a clear message."""
+    run = RunFolder(run_dir)
+    run.require_finished()
+    cfg = run.read_config()
     parts = build_all(cfg)
     method = create_method(cfg["method"])
     mcfg = method.config(cfg["options"])
-    merged = method.build(parts["model"], parts["tv"], mcfg, seed=cfg["seed"])
-    with safe_open(str(run_dir / "coefficients.safetensors"), "pt") as f:
-        coef = f.get_tensor("coefficients")
+    merged = method.build(parts["model"], parts["tv"], mcfg, seed=cfg["seed"], state=run.load_state())
+    coef = run.load_coefficients()
     if tuple(coef.shape) != tuple(merged.coefficients.shape):
         raise InputError(
-            f"{run_dir}/coefficients.safetensors has shape {tuple(coef.shape)}, the config gives"
+            f"{run.path}/coefficients.safetensors has shape {tuple(coef.shape)}, the config gives"
             f" {tuple(merged.coefficients.shape)}"
         )
     merged.set_coefficients(coef)
@@ -56,7 +52,7 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False) -> Pat
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"{out} exists and is not empty; pass --force to replace it")
     merged, parts, cfg = load_run(run_dir)
-    results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    results = RunFolder(run_dir).read_results()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -91,6 +87,7 @@ def write_export(folder: Path, merged: MergedModel, heads: dict, cfg: dict, resu
         "inputs": inputs,
         "metrics": results.get("after"),
         "metrics_before": results.get("before"),
+        "solvers": results.get("solvers"),
     }
     atomic_write_json(folder / "adamerge.json", meta)
     atomic_write_text(folder / "README.md", model_card(meta))

@@ -100,8 +100,8 @@ class MergedModel(nn.Module):
         init: initial applied coefficient: a float, or a tensor broadcastable to ``[T, G]``.
         clamp: ``(low, high)`` box applied in the forward (the raw parameter is unbounded; the
             gradient is zero outside the box, as in AdaMerging), or ``None``.
-        simplex: parametrise each group's T coefficients as a softmax (they sum to one);
-            ``init`` then gives relative weights. Excludes ``clamp``.
+        simplex: parametrise each group's T coefficients as ``total · softmax`` (they sum to
+            ``total``); ``init`` then gives relative weights. Excludes ``clamp``.
         buffer_policy: floating buffers such as BatchNorm statistics are not task vectors:
             ``base`` keeps θ0's, ``average`` takes the experts' mean, ``reestimate`` starts from
             θ0's and is refreshed by :meth:`reestimate_buffers` on unlabeled data.
@@ -118,6 +118,7 @@ class MergedModel(nn.Module):
         simplex: bool = False,
         buffer_policy: str = "base",
         seed: int = 0,
+        total: float = 1.0,
     ) -> None:
         super().__init__()
         tv = task_vectors
@@ -129,6 +130,7 @@ class MergedModel(nn.Module):
         self.buffer_policy = buffer_policy
         self.clamp = tuple(clamp) if clamp is not None else None
         self.simplex = simplex
+        self.total = float(total)
         self._check_keys(model, tv)
 
         persistent = model.state_dict()
@@ -210,7 +212,7 @@ class MergedModel(nn.Module):
         """The coefficients as the merge uses them (after clamp or softmax), ``[T, G]``."""
         c = self.coefficients
         if self.simplex:
-            return torch.softmax(c, dim=0)
+            return self.total * torch.softmax(c, dim=0)
         if self.clamp is not None:
             return c.clamp(*self.clamp)
         return c
@@ -219,7 +221,7 @@ class MergedModel(nn.Module):
     def set_coefficients(self, values: Tensor) -> None:
         """Set the applied coefficients (inverse of the parametrisation), e.g. from a saved run."""
         values = torch.as_tensor(values, dtype=self.coefficients.dtype).expand_as(self.coefficients)
-        self.coefficients.copy_(values.clamp_min(1e-12).log() if self.simplex else values)
+        self.coefficients.copy_((values / self.total).clamp_min(1e-12).log() if self.simplex else values)
 
     # ------------------------------------------------------------------ the merge
     def _tensor(self, prefix: str, i: int) -> Tensor:

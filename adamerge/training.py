@@ -1,20 +1,21 @@
-"""Lightning wiring: the LightningModule, the step-indexed data module, fit, evaluate, run folders.
-
-A run directory holds ``config.yaml`` (written by the caller), ``coefficients.safetensors``,
-``groups.json``, ``metrics.csv``, ``results.json`` and ``checkpoints/`` (coefficients, optimizer
-and loop state only: the task vectors are non-persistent buffers and the heads are dropped).
+"""Lightning wiring: the LightningModule, the step-indexed data module, ``fit`` (the solver
+stages of a method) and ``evaluate``. The run folder's files are read and written by
+:mod:`adamerge.runs`; how parameters move is the solver's business (:mod:`adamerge.solvers`).
+Checkpoints hold coefficients, optimiser and loop state only: the task vectors are
+non-persistent buffers and the heads are dropped.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import json
 import logging
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import torch
@@ -23,75 +24,103 @@ from torch.utils.data import DataLoader
 
 from adamerge.data import StepBatches, TaskStream
 from adamerge.errors import InputError, NonFiniteLossError
-from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
 from adamerge.merged import MergedModel
-from adamerge.methods.base import MethodConfig, create_method
+from adamerge.methods import MethodConfig, create_method
 from adamerge.objectives import get_objective
+from adamerge.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
+from adamerge.solvers import create_solver
 from adamerge.task_vectors import TaskVectors
 
 
 class MergeModule(L.LightningModule):
-    """Trains the merge coefficients (and masks, for methods that add them) of a MergedModel.
+    """Trains a method's parameters (the merge coefficients; masks for methods that add them).
 
-    Each step is one batched forward of every task's samples through the merged backbone, the
-    features split back per task into that task's frozen head, and the loss is the sum over
-    tasks of the per-task objective. One backward per step, never one per task.
+    Manual optimisation: each step hands the batch to the solver (:mod:`adamerge.solvers`), which
+    calls :meth:`batch_loss` (one batched forward of every task's samples through the merged
+    backbone, the features split back per task into that task's frozen head, the loss summed
+    over tasks), runs ONE backward and steps its one optimiser once.
     """
 
-    def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], cfg: MethodConfig) -> None:
+    def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], cfg: MethodConfig, solver) -> None:
         super().__init__()
         missing = [t for t in merged.task_names if t not in heads]
         if missing:
             raise InputError(f"no head for task '{missing[0]}' (heads given for {sorted(heads)})")
+        self.automatic_optimization = False
         self.merged = merged
         self.heads = nn.ModuleDict({t: heads[t] for t in merged.task_names})
         for p in self.heads.parameters():
             p.requires_grad_(False)
         self.cfg = cfg
+        self.solver = solver
         self.objective = functools.partial(get_objective(cfg.objective), **cfg.objective_args)
         self.strict_loading = False  # checkpoints leave the frozen heads out
+        self.stop_reason: str | None = None
+        self._batch_n = 1
 
     def forward(self, x: Tensor) -> Tensor:
         return self.merged(x)
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
     def task_losses(self, batch: Mapping[str, Tensor]) -> dict[str, Tensor]:
         names = list(batch)
         sizes = [batch[n].shape[0] for n in names]
+        self._batch_n = sum(sizes)
         features = self.merged(_images_layout(torch.cat([batch[n] for n in names])))
         return {n: self.objective(self.heads[n](f)) for n, f in zip(names, features.split(sizes))}
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def batch_loss(self, batch: Mapping[str, Tensor], check: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
+        """The summed objective over tasks and the per-task values (error on a non-finite one)."""
         losses = self.task_losses(batch)
         loss = torch.stack(list(losses.values())).sum()
-        if not torch.isfinite(loss):
+        if check and not torch.isfinite(loss):
             bad = [n for n, v in losses.items() if not torch.isfinite(v)]
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) {bad}")
+        return loss, losses
+
+    def log_step(self, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
+        """Per-task losses, the total and coefficient statistics (before this step's update)."""
         log = {f"loss/{n}": v.detach() for n, v in losses.items()}
         coef = self.merged.applied_coefficients().detach()
         log.update({"coef/mean": coef.mean(), "coef/min": coef.min(), "coef/max": coef.max()})
-        n = sum(v.shape[0] for v in batch.values())
-        self.log_dict(log, on_step=True, prog_bar=False, batch_size=n)
-        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=n)
-        return loss
+        self.log_dict(log, on_step=True, prog_bar=False, batch_size=self._batch_n)
+        self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=self._batch_n)
+
+    def log_extra(self, values: Mapping[str, float]) -> None:
+        """Solver-specific per-step values (e.g. ``fw_gap``), as metrics.csv columns."""
+        self.log_dict({k: float(v) for k, v in values.items()}, on_step=True, batch_size=self._batch_n)
+
+    def request_stop(self, reason: str) -> None:
+        """End training after this step (e.g. Frank-Wolfe's gap fell below ``gap_tol``)."""
+        self.stop_reason = reason
+        self.trainer.should_stop = True
+
+    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+        return self.solver.training_step(self, batch)
 
     def configure_optimizers(self):
-        params = [p for p in self.parameters() if p.requires_grad]
-        name = self.cfg.optimizer
-        if name == "adam":
-            return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if name == "adamw":
-            return torch.optim.AdamW(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        if name == "sgd":
-            return torch.optim.SGD(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
-        raise InputError(f"unknown optimizer '{name}'; choose adam, adamw or sgd")
+        return self.solver.configure_optimizers(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("heads.")}
+        checkpoint["adamerge_stop_reason"] = self.stop_reason
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.stop_reason = checkpoint.get("adamerge_stop_reason")
 
 
 class StepDataModule(L.LightningDataModule):
     """Serves :class:`StepBatches` from the trainer's current global step (so a resumed run
-    continues with the very batches it would have seen) and this process's rank."""
+    continues with the very batches it would have seen) and this process's rank.
+
+    The loader always has ``steps`` items (item i = step ``start + i``; the loop stops at
+    ``max_steps``): Lightning restores a mid-epoch checkpoint with its batch counter at ``start``
+    and ends the epoch when that counter reaches the loader's length, so a loader of
+    ``steps − start`` items would end the restored epoch early and restart the stream at
+    ``start`` in a second epoch (the resume bug this prevents).
+    """
 
     def __init__(self, streams: Sequence[TaskStream], batch_size: int, steps: int, seed: int, num_workers: int = 0):
         super().__init__()
@@ -103,7 +132,7 @@ class StepDataModule(L.LightningDataModule):
         start = trainer.global_step if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
-        ds = StepBatches(self.streams, self.batch_size, self.steps, self.seed, start, rank, world)
+        ds = StepBatches(self.streams, self.batch_size, self.steps + start, self.seed, start, rank, world)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
 
@@ -119,6 +148,18 @@ def _loggers(run_dir: Path, version: int) -> list:
     except ImportError:
         pass
     return loggers
+
+
+@dataclass
+class DataFreeProblem:
+    """What a data-free solver (``Solver.solve``) works on."""
+
+    model: nn.Module
+    tv: TaskVectors  # after the method's preprocessing
+    cfg: MethodConfig
+    run: RunFolder  # for partial checkpoints (an interrupted solve resumes)
+    say: Callable[[str], None]
+    seed: int = 0
 
 
 def fit(
@@ -137,112 +178,118 @@ def fit(
     checkpoint_every: int = 50,
     eval_batch_size: int = 256,
 ) -> dict:
-    """Train a learned merge and write the run folder. Returns the results dict."""
-    run_dir = Path(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
-    last = ckpt_dir / "last.ckpt"
-    if resume and not last.exists():
-        raise InputError(f"cannot resume: no checkpoint at {last}")
-    if not resume and last.exists():
-        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
+    """Run a method's solver stages (data-free ones first, then Lightning training of the
+    coefficients) and write the run folder. Returns the results dict."""
+    run = RunFolder(run_dir)
+    m = create_method(method)
+    cfg = m.config(options)
+    stages = [create_solver(name, cfg) for name in m.solvers(cfg)]
+    started = run.last_checkpoint.exists() or run.state_path.exists() or any(run.checkpoints.glob("*.partial.safetensors"))
+    if resume and not started:
+        raise InputError(f"cannot resume: nothing to resume in {run.path} (no checkpoint, no saved method state)")
+    if not resume and (started or run.results_path.exists()):
+        raise InputError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
     names = [s.name for s in streams]
     if sorted(names) != sorted(tv.task_names):
         raise InputError(f"data streams {names} do not match the experts' tasks {tv.task_names}")
     streams = sorted(streams, key=lambda s: tv.task_names.index(s.name))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    m = create_method(method)
-    cfg = m.config(options)
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    run.path.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
-    merged = m.build(model, tv, cfg, seed=seed)
-    module = m.lightning_module(merged, heads, cfg)
-    from lightning.pytorch.callbacks import ModelCheckpoint
+    _quiet_lightning()
 
-    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
-    opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
+    start = time.perf_counter()
+    before_model = m.build(model, tv, cfg, seed=seed)
+    before = evaluate(before_model, heads, streams, eval_batch_size) if _is_global_zero(trainer_options) else None
+    del before_model
+    state = run.load_state()
+    for solver in stages:
+        if solver.needs_data or state is not None:
+            continue
+        problem = DataFreeProblem(model, m.prepare(tv, cfg, model), cfg, run, say, seed)
+        state = solver.solve(problem)
+        run.save_state(state, {"solver": solver.name})
+    merged = m.build(model, tv, cfg, seed=seed, state=state)
+    main = stages[-1]
+    module = None
+    steps_done = 0
+    if main.needs_data and cfg.steps > 0:
+        module = MergeModule(merged, heads, cfg, main)
+        trainer = _trainer(run, cfg, resume and run.last_checkpoint.exists(), progress, trainer_options, checkpoint_every)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*LeafSpec.*")
+            warnings.filterwarnings("ignore", ".*does not have many workers.*")
+            warnings.filterwarnings("ignore", ".*IterableDataset.*|.*Checkpoint directory.*exists.*")
+            # the state AFTER the step is what a checkpoint at global_step s must hold
+            warnings.filterwarnings("ignore", ".*manual optimization and every_n_train_steps.*")
+            # the loader starts at the restored global_step (StepDataModule): it is resumable
+            warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+            trainer.fit(
+                module,
+                datamodule=StepDataModule(streams, cfg.batch_size, cfg.steps, seed),
+                ckpt_path=str(run.last_checkpoint) if resume and run.last_checkpoint.exists() else None,
+            )
+        if not trainer.is_global_zero:
+            return {}
+        merged = module.merged.cpu()
+        steps_done = trainer.global_step
+    seconds = time.perf_counter() - start
+    if cfg.buffer_policy == "reestimate":
+        merged.reestimate_buffers(reestimate_batches(streams, eval_batch_size))
+    after = evaluate(merged, heads, streams, eval_batch_size)
+    run.save_coefficients(merged)
+    run.collect_metrics()
+    results = {
+        "method": method,
+        "options": dataclasses.asdict(cfg),
+        "solvers": [s.summary(module) for s in stages],
+        "uses_labels": m.uses_labels,
+        "seconds": seconds,
+        "steps": steps_done,
+        "stopped_early": None if module is None else module.stop_reason,
+    }
+    if before is not None and after is not None:
+        results |= {"before": before, "after": after}
+    run.write_results(results)
+    return results
+
+
+def _is_global_zero(trainer_options: dict | None) -> bool:
+    """Rank zero of a DDP launch (the launcher sets LOCAL_RANK/RANK in the child processes)."""
+    import os
+
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
+
+
+def _quiet_lightning() -> None:
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).setLevel(logging.WARNING)  # no GPU/TPU banners, no tips
-    trainer = L.Trainer(
+
+
+def _trainer(run: RunFolder, cfg: MethodConfig, resuming: bool, progress: bool, trainer_options: dict | None, checkpoint_every: int) -> L.Trainer:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    ckpt = ModelCheckpoint(dirpath=str(run.checkpoints), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
+    opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
+    return L.Trainer(
         max_steps=cfg.steps,
         max_epochs=-1,
-        logger=_loggers(run_dir, len(list((run_dir / "logs").glob("version_*"))) if resume else 0),
+        logger=_loggers(run.path, run.next_log_version() if resuming else 0),
         callbacks=[ckpt],
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=1,
         num_sanity_val_steps=0,
         use_distributed_sampler=False,
-        gradient_clip_val=cfg.grad_clip,
         deterministic=True,
-        default_root_dir=str(run_dir),
+        default_root_dir=str(run.path),
         **opts,
     )
-    before = evaluate(merged, heads, streams, eval_batch_size) if trainer.is_global_zero else None
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", ".*LeafSpec.*")
-        warnings.filterwarnings("ignore", ".*does not have many workers.*")
-        warnings.filterwarnings("ignore", ".*IterableDataset.*|.*Checkpoint directory.*exists.*")
-        trainer.fit(module, datamodule=StepDataModule(streams, cfg.batch_size, cfg.steps, seed), ckpt_path=str(last) if resume else None)
-    seconds = time.perf_counter() - start
-    if not trainer.is_global_zero:
-        return {}
-    merged = module.merged.cpu()
-    if cfg.buffer_policy == "reestimate":
-        merged.reestimate_buffers(reestimate_batches(streams, eval_batch_size))
-    after = evaluate(merged, heads, streams, eval_batch_size)
-    save_coefficients(run_dir, merged)
-    _collect_metrics(run_dir)
-    results = {"method": method, "options": dataclasses.asdict(cfg), "seconds": seconds, "steps": trainer.global_step}
-    if before is not None and after is not None:
-        results |= {"before": before, "after": after}
-    atomic_write_json(run_dir / "results.json", results)
-    return results
 
 
 def save_coefficients(run_dir: Path, merged: MergedModel) -> None:
-    """``coefficients.safetensors`` (applied values, [T, G]) and ``groups.json``."""
-    coef = merged.applied_coefficients().detach().cpu().float().contiguous()
-    atomic_save_safetensors(
-        {"coefficients": coef},
-        run_dir / "coefficients.safetensors",
-        {"tasks": json.dumps(merged.task_names), "granularity": json.dumps(merged.grouping.spec)},
-    )
-    members = merged.grouping.members()
-    atomic_write_json(
-        run_dir / "groups.json",
-        {
-            "tasks": merged.task_names,
-            "granularity": merged.grouping.spec,
-            "groups": [{"name": n, "parameters": members[i]} for i, n in enumerate(merged.group_names)],
-        },
-    )
-
-
-def _collect_metrics(run_dir: Path) -> None:
-    """Join the CSV logs of the first run and of every resume into ``metrics.csv``."""
-    parts = sorted((run_dir / "logs").glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    rows: list[dict] = []
-    fields: list[str] = []
-    for part in parts:
-        with open(part, newline="") as f:
-            reader = csv.DictReader(f)
-            fields += [c for c in reader.fieldnames or [] if c not in fields]
-            rows += list(reader)
-    if not rows:
-        return
-    import io
-
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(run_dir / "metrics.csv", buf.getvalue())
-
-
-def read_metrics(run_dir: str | Path) -> list[dict]:
-    """Rows of ``metrics.csv`` (empty cells dropped)."""
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+    """``coefficients.safetensors`` and ``groups.json`` (see :class:`adamerge.runs.RunFolder`)."""
+    RunFolder(run_dir).save_coefficients(merged)
 
 
 def reestimate_batches(streams: Sequence[TaskStream], batch_size: int):

@@ -1,9 +1,10 @@
 """Learned merging methods, registered by name (``list_methods()`` / ``create_method(name)``).
 
-A method is a small object with declared defaults (:class:`MethodConfig` fields) and three hooks:
-``prepare`` (task-vector preprocessing, e.g. TIES for AdaMerging++), ``build`` (the
-:class:`~adamerge.merged.MergedModel`) and ``lightning_module`` (the training loop). Adding a
-method = one module here with one ``register_method`` call; the shared test matrix picks it up.
+A method is a small object with declared defaults (:class:`MethodConfig` fields) and hooks:
+``prepare`` (task-vector preprocessing, e.g. TIES for AdaMerging++), ``initial_coefficients``,
+``build`` (the :class:`~adamerge.merged.MergedModel`) and ``solvers`` (the solver stages; the
+default is ``options.solver``). Adding a method = one module here with one ``register_method``
+call; the shared test matrix (tests/test_methods.py) picks it up.
 """
 from adamerge.methods.base import Method, MethodConfig, create_method, list_methods, register_method
 from adamerge.methods import adamerging  # noqa: F401  (registers adamerging, adamerging++)

@@ -1,27 +1,56 @@
-"""The method registry and the default behaviour every learned method starts from."""
+"""The method registry and what every learned method starts from.
+
+A method declares its defaults (:class:`MethodConfig` fields), how it prepares the task vectors,
+how it builds the one :class:`~adamerge.merged.MergedModel`, and which solver trains it
+(``options.solver``; the default ``gradient`` is AdaMerging's Adam with the clamp in the forward).
+A method may also name a data-free ``prepare_solver`` whose result (method state, saved in the run
+folder) feeds :meth:`Method.build`. Methods import neither Lightning nor the training module.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
 from adamerge.errors import InputError
-from adamerge.merged import MergedModel
+from adamerge.merged import BUFFER_POLICIES, MergedModel
+from adamerge.registry import Registry, did_you_mean
 from adamerge.task_vectors import TaskVectors
+
+CONSTRAINTS = ("none", "box", "simplex")
+
+
+def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, integer: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and integer:
+        ok = float(value).is_integer()
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value <= high
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        rng = "" if low is None else f" {'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
+        raise InputError(f"option '{name}' must be {kind}{rng}, got {value!r}")
 
 
 @dataclass
 class MethodConfig:
-    """Options of a learned merge. Each field is also a ``--method.<field>`` CLI override."""
+    """Options of a learned merge. Each field is also a ``--options.<field>`` CLI override."""
 
     granularity: Any = "layer"
     init: float = 0.3
-    clamp: tuple[float, float] | None = (0.0, 1.0)
-    simplex: bool = False
+    constraint: str = "box"  # none | box | simplex: the feasible set of the coefficients
+    bounds: tuple[float, float] = (0.0, 1.0)  # the box
+    total: float = 1.0  # the simplex: per group, the T coefficients sum to this
     objective: str = "entropy"
     objective_args: dict = field(default_factory=dict)  # e.g. {"diversity": 0.5} for infomax
+    solver: str = "gradient"
+    solver_args: dict = field(default_factory=dict)  # the solver's own options (see its Options)
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -32,28 +61,82 @@ class MethodConfig:
     buffer_policy: str = "base"
     extra: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        from adamerge.objectives import OBJECTIVES
+        from adamerge.solvers import list_solvers
+        from adamerge.solvers.optimizers import list_optimizers
+
+        if isinstance(self.bounds, list):
+            self.bounds = tuple(self.bounds)
+        if not hasattr(self.init, "shape"):
+            for v in self.init if isinstance(self.init, (list, tuple)) else [self.init]:
+                _number("init", v)
+        _number("steps", self.steps, low=0, integer=True)
+        self.steps = int(self.steps)
+        _number("batch_size", self.batch_size, low=1, integer=True)
+        self.batch_size = int(self.batch_size)
+        _number("lr", self.lr, low=0, low_open=True)
+        _number("weight_decay", self.weight_decay, low=0)
+        if self.grad_clip is not None:
+            _number("grad_clip", self.grad_clip, low=0, low_open=True)
+        if self.ties_density is not None:
+            _number("ties_density", self.ties_density, low=0, low_open=True, high=1)
+        if self.constraint not in CONSTRAINTS:
+            raise InputError(f"option 'constraint' must be one of {list(CONSTRAINTS)}, got {self.constraint!r}{did_you_mean(self.constraint, list(CONSTRAINTS))}")
+        if not (isinstance(self.bounds, tuple) and len(self.bounds) == 2):
+            raise InputError(f"option 'bounds' must be [lo, hi], got {self.bounds!r}")
+        for b in self.bounds:
+            _number("bounds", b)
+        if self.bounds[0] > self.bounds[1]:
+            raise InputError(f"option 'bounds' needs lo <= hi, got {list(self.bounds)}")
+        _number("total", self.total, low=0, low_open=True)
+        if self.objective not in OBJECTIVES:
+            raise InputError(f"unknown objective '{self.objective}'{did_you_mean(self.objective, sorted(OBJECTIVES))}; choose from {sorted(OBJECTIVES)}")
+        if self.solver not in list_solvers():
+            raise InputError(f"unknown solver '{self.solver}'{did_you_mean(self.solver, list_solvers())}; registered: {list_solvers()}")
+        if self.optimizer not in list_optimizers():
+            raise InputError(f"unknown optimizer '{self.optimizer}'{did_you_mean(self.optimizer, list_optimizers())}; choose from {list_optimizers()}")
+        if self.buffer_policy not in BUFFER_POLICIES:
+            raise InputError(f"option 'buffer_policy' must be one of {list(BUFFER_POLICIES)}, got {self.buffer_policy!r}")
+        for name in ("objective_args", "solver_args", "extra"):
+            if not isinstance(getattr(self, name), dict):
+                raise InputError(f"option '{name}' must be a mapping, got {getattr(self, name)!r}")
+
     @classmethod
     def from_dict(cls, values: dict) -> "MethodConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise InputError(f"unknown method option '{unknown[0]}'; known: {sorted(names)}")
         values = dict(values)
-        if isinstance(values.get("clamp"), list):
-            values["clamp"] = tuple(values["clamp"])
+        # the names before solvers existed: clamp [lo, hi] | null, simplex: true
+        if "clamp" in values:
+            clamp = values.pop("clamp")
+            values.setdefault("constraint", "none" if clamp is None else "box")
+            if clamp is not None:
+                values.setdefault("bounds", tuple(clamp))
+        if values.pop("simplex", False):
+            values["constraint"] = "simplex"
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(names))
+        if unknown:
+            raise InputError(f"unknown method option '{unknown[0]}'{did_you_mean(unknown[0], names)}; known: {sorted(names)}")
         return cls(**values)
 
 
 class Method:
-    """Default learned method: coefficients trained by an optimizer on an objective."""
+    """Default learned method: coefficients trained by ``options.solver`` on an objective."""
 
     name = "base"
     defaults: dict = {}
+    prepare_solver: str | None = None  # a data-free solver run first; its state feeds build()
+    uses_labels = False
+    description = ""
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
         return MethodConfig.from_dict({**self.defaults, **(overrides or {})})
 
-    def prepare(self, tv: TaskVectors, cfg: MethodConfig, model: nn.Module) -> TaskVectors:
+    def solvers(self, cfg: MethodConfig) -> list[str]:
+        """The solver stages of a fit, in order."""
+        return ([self.prepare_solver] if self.prepare_solver else []) + [cfg.solver]
+
+    def prepare(self, tv: TaskVectors, cfg: MethodConfig, model: nn.Module, state: dict | None = None) -> TaskVectors:
         """Task-vector preprocessing (none by default; TIES on the parameters when
         ``ties_density`` is set, buffers untouched)."""
         if cfg.ties_density:
@@ -63,44 +146,39 @@ class Method:
             return TaskVectors(tv.base, ties_vectors(tv.vectors, cfg.ties_density, keys=params), tv.task_names, tv.sources)
         return tv
 
-    def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0) -> MergedModel:
-        return MergedModel(
+    def initial_coefficients(self, merged: MergedModel, cfg: MethodConfig, state: dict | None = None):
+        """The applied coefficients to start from (a float or a ``[T, G]`` tensor)."""
+        return cfg.init
+
+    def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0, state: dict | None = None) -> MergedModel:
+        from adamerge.solvers import create_solver
+
+        solver = create_solver(cfg.solver, cfg)
+        merged = MergedModel(
             model,
-            self.prepare(tv, cfg, model),
+            self.prepare(tv, cfg, model, state),
             granularity=cfg.granularity,
-            init=cfg.init,
-            clamp=None if cfg.simplex else cfg.clamp,
-            simplex=cfg.simplex,
+            init=1.0,
             buffer_policy=cfg.buffer_policy,
             seed=seed,
+            **solver.parametrisation(),
         )
-
-    def lightning_module(self, merged: MergedModel, heads: dict[str, nn.Module], cfg: MethodConfig):
-        from adamerge.training import MergeModule
-
-        return MergeModule(merged, heads, cfg)
+        merged.set_coefficients(self.initial_coefficients(merged, cfg, state))
+        solver.prepare(merged)
+        return merged
 
 
-_REGISTRY: dict[str, Callable[[], Method]] = {}
+METHODS: Registry[type[Method]] = Registry("method")
 
 
 def register_method(name: str) -> Callable:
-    """Class decorator: ``@register_method("adamerging")``."""
-
-    def wrap(cls):
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return wrap
+    """Class decorator: ``@register_method("adamerging")``. A duplicate name is an error."""
+    return METHODS.decorator(name)
 
 
 def list_methods() -> list[str]:
-    return sorted(_REGISTRY)
+    return METHODS.names()
 
 
 def create_method(name: str) -> Method:
-    try:
-        return _REGISTRY[name]()
-    except KeyError:
-        raise InputError(f"unknown method '{name}'; registered: {list_methods()}") from None
+    return METHODS.get(name)()

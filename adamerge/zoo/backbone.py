@@ -147,3 +147,9 @@ def create_imagenet_classifier() -> nn.Module:
 def normalize_pixels(x: Tensor) -> Tensor:
     """Map 0..255 pixel values to the scale the weights were trained on: ``(x - 127) / 128``."""
     return (x.to(torch.float32) - 127.0) / 128.0
+
+
+def backbone_source(spec: dict):
+    """Model source ``efficientnet_lite0`` (see :mod:`adamerge.sources`): the architecture only,
+    its weights come from the config's ``base``."""
+    return create_backbone(pretrained=False), None

@@ -157,5 +157,16 @@ def main() -> None:
     print(json.dumps(json.loads((path / "manifest.json").read_text()), indent=2))
 
 
+
+def tiny_vit_source(spec: dict):
+    """Model source ``tiny_vit`` (see :mod:`adamerge.sources`)."""
+    return tiny_vit(spec.get("seed", 0)), None
+
+
+def tiny_cnn_source(spec: dict):
+    """Model source ``tiny_cnn`` (see :mod:`adamerge.sources`)."""
+    return tiny_cnn(spec.get("seed", 0)), None
+
+
 if __name__ == "__main__":
     main()

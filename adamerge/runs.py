@@ -1,0 +1,180 @@
+"""Run folders: everything ``fit`` writes and ``eval`` / ``export`` read, in one place.
+
+A run folder holds::
+
+    config.yaml                  the resolved config (written before training starts)
+    coefficients.safetensors     applied coefficients [T, G] (tasks and granularity in metadata)
+    groups.json                  the coefficient groups and their member tensors
+    method_state.safetensors     tensors a method needs besides the coefficients (e.g. DOGE's
+                                 corrections), absent when there are none
+    metrics.csv                  every logged step of every attempt (first run and resumes)
+    results.json                 method, options, solver summary, accuracies; written LAST, so
+                                 its presence (with ``"status": "finished"``) marks a finished run
+    checkpoints/                 Lightning checkpoints (coefficients, optimizer and loop state)
+    logs/version_N/              the CSV (and TensorBoard) logs of attempt N
+
+Every file is written atomically (temporary file, then rename).
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import Tensor
+
+from adamerge.errors import InputError
+from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
+
+FINISHED = "finished"
+
+
+class RunFolder:
+    """Paths and readers/writers of one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # ------------------------------------------------------------------ paths
+    @property
+    def config_path(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / "last.ckpt"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def next_log_version(self) -> int:
+        return len(list(self.logs.glob("version_*")))
+
+    # ------------------------------------------------------------------ config
+    def write_config(self, cfg: dict) -> None:
+        atomic_write_text(self.config_path, yaml.safe_dump(cfg, sort_keys=False))
+
+    def read_config(self) -> dict:
+        if not self.config_path.is_file():
+            raise InputError(f"{self.path} is not a run folder: config.yaml is missing")
+        cfg = yaml.safe_load(self.config_path.read_text())
+        if not isinstance(cfg, dict):
+            raise InputError(f"{self.config_path}: not a mapping")
+        return cfg
+
+    # ------------------------------------------------------------------ coefficients and state
+    def save_coefficients(self, merged) -> None:
+        """``coefficients.safetensors`` (applied values, [T, G]) and ``groups.json``."""
+        coef = merged.applied_coefficients().detach().cpu().float().contiguous()
+        atomic_save_safetensors(
+            {"coefficients": coef},
+            self.path / "coefficients.safetensors",
+            {"tasks": json.dumps(merged.task_names), "granularity": json.dumps(merged.grouping.spec)},
+        )
+        members = merged.grouping.members()
+        atomic_write_json(
+            self.path / "groups.json",
+            {
+                "tasks": merged.task_names,
+                "granularity": merged.grouping.spec,
+                "groups": [{"name": n, "parameters": members[i]} for i, n in enumerate(merged.group_names)],
+            },
+        )
+
+    def load_coefficients(self) -> Tensor:
+        from safetensors import safe_open
+
+        path = self.path / "coefficients.safetensors"
+        if not path.is_file():
+            raise InputError(f"{self.path} is not a finished run: coefficients.safetensors is missing")
+        with safe_open(str(path), "pt") as f:
+            return f.get_tensor("coefficients")
+
+    @property
+    def state_path(self) -> Path:
+        return self.path / "method_state.safetensors"
+
+    def save_state(self, tensors: dict[str, Tensor], meta: dict[str, Any] | None = None) -> None:
+        """Method state beyond the coefficients (saved once, when the stage that makes it ends)."""
+        atomic_save_safetensors(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            self.state_path,
+            {"meta": json.dumps(meta or {})},
+        )
+
+    def load_state(self) -> dict[str, Tensor] | None:
+        """The saved method state, or ``None`` when the run has none."""
+        if not self.state_path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(self.state_path))
+        except Exception as err:  # a truncated or corrupt file
+            raise InputError(f"{self.state_path}: cannot read the method state ({err})") from None
+
+    # ------------------------------------------------------------------ metrics
+    def collect_metrics(self) -> None:
+        """Join the CSV logs of the first run and of every resume into ``metrics.csv``."""
+        parts = sorted(self.logs.glob("version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+        rows: list[dict] = []
+        fields: list[str] = []
+        for part in parts:
+            with open(part, newline="") as f:
+                reader = csv.DictReader(f)
+                fields += [c for c in reader.fieldnames or [] if c not in fields]
+                rows += list(reader)
+        if not rows:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(self.path / "metrics.csv", buf.getvalue())
+
+    def read_metrics(self) -> list[dict]:
+        """Rows of ``metrics.csv`` (empty cells dropped)."""
+        with open(self.path / "metrics.csv", newline="") as f:
+            return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+    # ------------------------------------------------------------------ results
+    @property
+    def results_path(self) -> Path:
+        return self.path / "results.json"
+
+    def write_results(self, results: dict) -> None:
+        """Written last: marks the run finished."""
+        atomic_write_json(self.results_path, {"status": FINISHED, **results})
+
+    def read_results(self) -> dict:
+        if not self.results_path.is_file():
+            return {}
+        return json.loads(self.results_path.read_text())
+
+    def is_finished(self) -> bool:
+        return self.results_path.is_file() and self.read_results().get("status", FINISHED) == FINISHED
+
+    def require_finished(self) -> None:
+        for name in ("config.yaml", "coefficients.safetensors", "results.json"):
+            if not (self.path / name).is_file():
+                raise InputError(f"{self.path} is not a finished run: {name} is missing (did fit stop early? fit --resume continues it)")
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """Rows of a run's ``metrics.csv`` (empty cells dropped)."""
+    return RunFolder(run_dir).read_metrics()
+
+
+def load_coefficients(run_dir: str | Path) -> Tensor:
+    return RunFolder(run_dir).load_coefficients()
+
+
+__all__ = ["RunFolder", "read_metrics", "load_coefficients", "FINISHED"]

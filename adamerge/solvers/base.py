@@ -1,0 +1,115 @@
+"""The solver registry and the contract every solver follows.
+
+A solver owns how a method's parameters move. Two kinds:
+
+- data solvers (``needs_data = True``) run inside Lightning with manual optimisation: the
+  LightningModule (:class:`adamerge.training.MergeModule`) hands each step's batch to
+  :meth:`Solver.training_step`, which computes the loss through ``module.batch_loss``, runs
+  ``module.manual_backward`` once and steps exactly ONE Lightning optimiser once (so
+  ``trainer.global_step`` counts steps, which the data index and ``--resume`` rely on). Their
+  state lives in that optimiser's ``state_dict`` and is checkpointed by Lightning.
+- data-free solvers (``needs_data = False``) run :meth:`Solver.solve` on the task vectors and
+  return method state (tensors saved in the run folder); no Trainer, no data.
+
+Solvers never import the LightningModule's module; the module object is duck-typed.
+Each solver declares its options as a dataclass (``Options``), filled from ``options.solver_args``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from torch import Tensor
+
+from adamerge.errors import InputError
+from adamerge.registry import Registry, did_you_mean
+
+
+@dataclasses.dataclass
+class NoOptions:
+    """A solver without options of its own."""
+
+
+def parse_options(cls: type, values: dict | None, owner: str) -> Any:
+    """``cls(**values)`` with a clear error for an unknown key (with a did-you-mean)."""
+    values = dict(values or {})
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in values:
+        if key not in names:
+            raise InputError(f"unknown option '{key}' for {owner}{did_you_mean(key, names)}; known: {names}")
+    try:
+        return cls(**values)
+    except TypeError as err:
+        raise InputError(f"{owner}: {err}") from None
+
+
+class Solver:
+    """Base solver. Subclasses set ``name`` (by :func:`register_solver`), ``Options``,
+    ``needs_data``, ``constraints`` (the ``options.constraint`` values they accept)."""
+
+    name = "base"
+    Options: type = NoOptions
+    needs_data = True
+    constraints: tuple[str, ...] = ("none", "box", "simplex")
+    description = ""
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+        self.args = parse_options(self.Options, getattr(cfg, "solver_args", None), f"solver '{self.name}'")
+        if cfg.constraint not in self.constraints:
+            raise InputError(
+                f"solver '{self.name}' does not support constraint '{cfg.constraint}'; it supports {list(self.constraints)}"
+            )
+
+    # ---------------------------------------------------------------- how the constraint enters the model
+    def parametrisation(self) -> dict:
+        """Keyword arguments for :class:`~adamerge.merged.MergedModel`: how the constraint is
+        applied in the forward (default: none; projection-based solvers keep it that way)."""
+        return {"clamp": None, "simplex": False}
+
+    def prepare(self, merged) -> None:
+        """Called once on a freshly built merged model before training (e.g. make the start feasible)."""
+
+    # ---------------------------------------------------------------- data solvers (Lightning)
+    def configure_optimizers(self, module):
+        raise NotImplementedError
+
+    def training_step(self, module, batch) -> Tensor:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- data-free solvers
+    def solve(self, problem) -> dict[str, Tensor]:
+        """Data-free: return method state (tensors) for ``method.build(..., state=...)``."""
+        raise NotImplementedError
+
+    def summary(self, module=None) -> dict:
+        """Solver facts for ``results.json`` (name, constraint, options; e.g. FW's final gap)."""
+        return {
+            "name": self.name,
+            "constraint": self.cfg.constraint,
+            "bounds": list(self.cfg.bounds),
+            "total": self.cfg.total,
+            "args": dataclasses.asdict(self.args),
+        }
+
+
+SOLVERS: Registry[type[Solver]] = Registry("solver")
+
+
+def register_solver(name: str) -> Callable[[type[Solver]], type[Solver]]:
+    """Class decorator: ``@register_solver("pgd")``. A duplicate name is an error."""
+    return SOLVERS.decorator(name)
+
+
+def list_solvers(needs_data: bool | None = None) -> list[str]:
+    """Registered solver names (optionally only data or only data-free ones)."""
+    return sorted(n for n, c in SOLVERS.items() if needs_data is None or c.needs_data == needs_data)
+
+
+def solver_class(name: str) -> type[Solver]:
+    return SOLVERS.get(name)
+
+
+def create_solver(name: str, cfg) -> Solver:
+    """The solver ``name`` configured by a :class:`~adamerge.methods.MethodConfig`."""
+    return solver_class(name)(cfg)
