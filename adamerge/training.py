@@ -183,7 +183,7 @@ def fit(
     run = RunFolder(run_dir)
     m = create_method(method)
     cfg = m.config(options)
-    stages = [create_solver(name, cfg) for name in m.solvers(cfg)]
+    stages = [create_solver(name, cfg, args) for name, args in m.solvers(cfg)]
     started = run.last_checkpoint.exists() or run.state_path.exists() or any(run.checkpoints.glob("*.partial.safetensors"))
     if resume and not started:
         raise InputError(f"cannot resume: nothing to resume in {run.path} (no checkpoint, no saved method state)")

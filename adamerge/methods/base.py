@@ -51,6 +51,7 @@ class MethodConfig:
     objective_args: dict = field(default_factory=dict)  # e.g. {"diversity": 0.5} for infomax
     solver: str = "gradient"
     solver_args: dict = field(default_factory=dict)  # the solver's own options (see its Options)
+    prepare_args: dict = field(default_factory=dict)  # options of the method's data-free prepare solver
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -98,7 +99,7 @@ class MethodConfig:
             raise InputError(f"unknown optimizer '{self.optimizer}'{did_you_mean(self.optimizer, list_optimizers())}; choose from {list_optimizers()}")
         if self.buffer_policy not in BUFFER_POLICIES:
             raise InputError(f"option 'buffer_policy' must be one of {list(BUFFER_POLICIES)}, got {self.buffer_policy!r}")
-        for name in ("objective_args", "solver_args", "extra"):
+        for name in ("objective_args", "solver_args", "prepare_args", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"option '{name}' must be a mapping, got {getattr(self, name)!r}")
 
@@ -130,11 +131,18 @@ class Method:
     description = ""
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
-        return MethodConfig.from_dict({**self.defaults, **(overrides or {})})
+        """Defaults, then overrides (the ``*_args`` mappings are merged key by key)."""
+        values = {**self.defaults}
+        for key, value in (overrides or {}).items():
+            if key.endswith("_args") and isinstance(value, dict) and isinstance(values.get(key), dict):
+                value = {**values[key], **value}
+            values[key] = value
+        return MethodConfig.from_dict(values)
 
-    def solvers(self, cfg: MethodConfig) -> list[str]:
-        """The solver stages of a fit, in order."""
-        return ([self.prepare_solver] if self.prepare_solver else []) + [cfg.solver]
+    def solvers(self, cfg: MethodConfig) -> list[tuple[str, dict]]:
+        """The solver stages of a fit, in order, each with its own options."""
+        stages = [(self.prepare_solver, cfg.prepare_args)] if self.prepare_solver else []
+        return stages + [(cfg.solver, cfg.solver_args)]
 
     def prepare(self, tv: TaskVectors, cfg: MethodConfig, model: nn.Module, state: dict | None = None) -> TaskVectors:
         """Task-vector preprocessing (none by default; TIES on the parameters when
@@ -146,8 +154,9 @@ class Method:
             return TaskVectors(tv.base, ties_vectors(tv.vectors, cfg.ties_density, keys=params), tv.task_names, tv.sources)
         return tv
 
-    def initial_coefficients(self, merged: MergedModel, cfg: MethodConfig, state: dict | None = None):
-        """The applied coefficients to start from (a float or a ``[T, G]`` tensor)."""
+    def initial_coefficients(self, merged: MergedModel, cfg: MethodConfig, tv: TaskVectors, state: dict | None = None):
+        """The applied coefficients to start from (a float or a ``[T, G]`` tensor); ``tv`` are
+        the task vectors before :meth:`prepare`."""
         return cfg.init
 
     def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0, state: dict | None = None) -> MergedModel:
@@ -163,7 +172,7 @@ class Method:
             seed=seed,
             **solver.parametrisation(),
         )
-        merged.set_coefficients(self.initial_coefficients(merged, cfg, state))
+        merged.set_coefficients(self.initial_coefficients(merged, cfg, tv, state))
         solver.prepare(merged)
         return merged
 

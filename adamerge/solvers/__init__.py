@@ -11,6 +11,6 @@ Pure tensor maths lives in :mod:`~adamerge.solvers.projections` (projections, or
 :mod:`~adamerge.solvers.doge_ops`; the solver modules only schedule it.
 """
 from adamerge.solvers.base import Solver, create_solver, list_solvers, register_solver, solver_class
-from adamerge.solvers import gradient, pgd, frank_wolfe  # noqa: F401,E402  (registration)
+from adamerge.solvers import gradient, pgd, frank_wolfe, doge  # noqa: F401,E402  (registration)
 
 __all__ = ["Solver", "create_solver", "list_solvers", "register_solver", "solver_class"]

@@ -53,9 +53,9 @@ class Solver:
     constraints: tuple[str, ...] = ("none", "box", "simplex")
     description = ""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, args: dict | None = None) -> None:
         self.cfg = cfg
-        self.args = parse_options(self.Options, getattr(cfg, "solver_args", None), f"solver '{self.name}'")
+        self.args = parse_options(self.Options, cfg.solver_args if args is None else args, f"solver '{self.name}'")
         if cfg.constraint not in self.constraints:
             raise InputError(
                 f"solver '{self.name}' does not support constraint '{cfg.constraint}'; it supports {list(self.constraints)}"
@@ -110,6 +110,7 @@ def solver_class(name: str) -> type[Solver]:
     return SOLVERS.get(name)
 
 
-def create_solver(name: str, cfg) -> Solver:
-    """The solver ``name`` configured by a :class:`~adamerge.methods.MethodConfig`."""
-    return solver_class(name)(cfg)
+def create_solver(name: str, cfg, args: dict | None = None) -> Solver:
+    """The solver ``name`` configured by a :class:`~adamerge.methods.MethodConfig` (its own
+    options from ``args``, default ``cfg.solver_args``)."""
+    return solver_class(name)(cfg, args)

@@ -134,8 +134,8 @@ class FrankWolfeSolver(Solver):
     constraints = ("box", "simplex")
     description = "linear minimisation oracle (a vertex per group), step 2/(t+2) or line search; logs the duality gap"
 
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
+    def __init__(self, cfg, args: dict | None = None) -> None:
+        super().__init__(cfg, args)
         self.last_gap: float | None = None
 
     def prepare(self, merged) -> None:
