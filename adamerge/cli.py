@@ -55,6 +55,7 @@ def cmd_fit(args, extra) -> int:
         import yaml
 
         cfg = yaml.safe_load(saved.read_text())
+    _check_method(cfg)
     parts = build_all(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not args.resume and not (run_dir / "checkpoints" / "last.ckpt").exists():
@@ -69,6 +70,17 @@ def cmd_fit(args, extra) -> int:
     if results:
         print(f"run written to {run_dir}")
     return 0
+
+
+def _check_method(cfg: dict) -> None:
+    """Method, options and solver options are valid (before anything is written)."""
+    from adamerge.methods import create_method
+    from adamerge.solvers import create_solver
+
+    method = create_method(cfg["method"])
+    mcfg = method.config(cfg["options"])
+    for name, args in method.solvers(mcfg):
+        create_solver(name, mcfg, args)
 
 
 def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:

@@ -59,3 +59,11 @@ def inputs():
         return torch.randn(n, 3, size, size, generator=gen).to(dtype)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_zoo_dir(tmp_path_factory):
+    """The tiny open_clip ViT zoo written to disk once per session (base, experts, heads, data)."""
+    from adamerge.zoo.tiny import build_tiny_zoo, write_tiny_zoo
+
+    return write_tiny_zoo(tmp_path_factory.mktemp("tiny") / "zoo", build_tiny_zoo(seed=0))

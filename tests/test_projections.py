@@ -306,3 +306,23 @@ def test_unknown_constraint_lists_choices(fn):
     with pytest.raises(InputError, match="box.*simplex"):
         fn(torch.rand(2, 2), "l2ball")
     assert P.CONSTRAINTS == ("box", "simplex")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_weighted_simplex_projection_is_nearest_in_its_metric(T, G, seed):
+    from adamerge.solvers.projections import project_simplex_weighted
+
+    gen = torch.Generator().manual_seed(seed)
+    x = 3 * torch.randn(T, G, generator=gen, dtype=torch.float64)
+    x[0] = x[-1]  # ties
+    d = 0.05 + 2 * torch.rand(T, G, generator=gen, dtype=torch.float64)
+    y = project_simplex_weighted(x, d, 1.5)
+    assert P.is_feasible(y, "simplex", total=1.5, atol=1e-9)
+    assert torch.allclose(project_simplex_weighted(y, d, 1.5), y, atol=1e-12)  # idempotent
+    assert torch.allclose(project_simplex_weighted(x, torch.ones_like(d), 1.5), P.project_simplex(x, 1.5), atol=1e-12)
+    best = (d * (y - x) ** 2).sum(0)
+    samples = 1.5 * torch.distributions.Dirichlet(torch.ones(T, dtype=torch.float64)).sample((200, G)).permute(0, 2, 1)
+    assert bool(((d * (samples - x) ** 2).sum(1) >= best - 1e-12).all())
+    with pytest.raises(InputError):
+        project_simplex_weighted(x, -d, 1.0)

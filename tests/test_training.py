@@ -10,45 +10,18 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
 from adamerge.cli import main
 from adamerge.io.state_dicts import load_state_dict
 from adamerge.training import MergeModule, read_metrics
-from adamerge.zoo.tiny import build_tiny_zoo, tiny_vit, write_tiny_zoo
-
-TASKS = ["task0", "task1", "task2"]
+from adamerge.zoo.tiny import tiny_vit
+from helpers import TASKS, write_config
 
 
 @pytest.fixture(scope="module")
-def zoo_dir(tmp_path_factory) -> Path:
-    return write_tiny_zoo(tmp_path_factory.mktemp("tiny") / "zoo", build_tiny_zoo(seed=0))
-
-
-def write_config(folder: Path, zoo: Path, **changes) -> Path:
-    cfg = {
-        "seed": 0,
-        "model": {"source": "tiny_vit"},
-        "base": str(zoo / "base.safetensors"),
-        "experts": {t: str(zoo / "experts" / f"{t}.safetensors") for t in TASKS},
-        "heads": {t: str(zoo / "heads" / f"{t}.safetensors") for t in TASKS},
-        "data": {t: {"tensors": str(zoo / "data" / f"{t}.safetensors")} for t in TASKS},
-        "method": "adamerging",
-        "options": {"granularity": "layer", "steps": 40, "lr": 0.01, "batch_size": 16},
-        "run_dir": str(folder / "run"),
-        "checkpoint_every": 10,
-    }
-    for key, value in changes.items():
-        node = cfg
-        *parents, last = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+def zoo_dir(tiny_zoo_dir) -> Path:
+    return tiny_zoo_dir
 
 
 @pytest.fixture(scope="module")

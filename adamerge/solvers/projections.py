@@ -123,6 +123,31 @@ def project_simplex(x: Tensor, total: float = 1.0) -> Tensor:
     return torch.clamp(shifted - theta, min=0)
 
 
+def project_simplex_weighted(x: Tensor, d: Tensor, total: float = 1.0) -> Tensor:
+    """Projection of every column onto the scaled simplex in the metric ``Σ_t d_t (y_t − x_t)²``
+    (``d > 0``, the shape of ``x``): ``y = max(0, x − ν / d)`` with ν chosen so the column sums
+    to ``total``. This is the projection a diagonally preconditioned gradient step needs (Adam:
+    ``d = sqrt(v̂) + eps``): with the Euclidean one, the fixed points of ``P(x − η D⁻¹ g)`` are
+    not the constrained optima. Exact, sort-based over the breakpoints ``d·x`` (as
+    :func:`project_simplex`, which it equals for ``d = 1``), all columns at once.
+    """
+    _check_columns(x, "x")
+    total = _check_total(total)
+    if d.shape != x.shape or not bool((d > 0).all()):
+        raise InputError(f"project_simplex_weighted needs d > 0 of x's shape {tuple(x.shape)}, got {tuple(d.shape)}")
+    z = x  # no shift: unlike the Euclidean case, adding a constant does not commute with the metric
+    order = torch.argsort(d * z, dim=0, descending=True)
+    zs, ws = torch.gather(z, 0, order), torch.gather(1.0 / d, 0, order)
+    nu_k = (torch.cumsum(zs, dim=0) - total) / torch.cumsum(ws, dim=0)
+    breakpoints = torch.gather(d * z, 0, order)
+    support = breakpoints > nu_k  # the k largest breakpoints are active
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    k = torch.arange(1, x.shape[0] + 1, device=x.device).view(shape).expand_as(x)
+    rho = torch.where(support, k, torch.zeros_like(k)).amax(dim=0, keepdim=True).clamp_min(1)
+    nu = torch.gather(nu_k, 0, rho - 1)
+    return torch.clamp(z - nu / d, min=0)
+
+
 # --------------------------------------------------------------------------- LMOs
 def lmo_box(g: Tensor, lo: Bound = 0.0, hi: Bound = 1.0) -> Tensor:
     """Linear minimisation oracle ``argmin_{lo <= s <= hi} <g, s>``: elementwise ``lo`` where
@@ -159,14 +184,15 @@ def fw_gap(g: Tensor, x: Tensor, s: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- dispatch
-def project(x: Tensor, constraint: str, bounds=(0.0, 1.0), total: float = 1.0) -> Tensor:
-    """Euclidean projection of ``x`` onto ``constraint`` (``"box"`` uses ``bounds``,
-    ``"simplex"`` uses ``total``; the other argument is ignored)."""
+def project(x: Tensor, constraint: str, bounds=(0.0, 1.0), total: float = 1.0, metric: Tensor | None = None) -> Tensor:
+    """Projection of ``x`` onto ``constraint`` (``"box"`` uses ``bounds``, ``"simplex"`` uses
+    ``total``; the other argument is ignored): Euclidean, or in the diagonal ``metric``
+    ``Σ d (y − x)²`` when given (the box's projection is the clamp in every diagonal metric)."""
     _check_constraint(constraint)
     if constraint == "box":
         lo, hi = _check_pair(bounds)
         return project_box(x, lo, hi)
-    return project_simplex(x, total)
+    return project_simplex(x, total) if metric is None else project_simplex_weighted(x, metric, total)
 
 
 def lmo(g: Tensor, constraint: str, bounds=(0.0, 1.0), total: float = 1.0) -> Tensor:
