@@ -32,3 +32,45 @@ def write_config(folder: Path, zoo: Path, **changes) -> Path:
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def crash_then_resume(config: Path, cut_at: int, monkeypatch) -> None:
+    """``fit`` that crashes at global step ``cut_at`` (after its last checkpoint), then ``fit --resume``."""
+    import pytest
+
+    from adamerge.cli import main
+    from adamerge.training import MergeModule
+
+    original = MergeModule.training_step
+
+    def crash(self, batch, idx):
+        if self.global_step == cut_at:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, idx)
+
+    monkeypatch.setattr(MergeModule, "training_step", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(["fit", "--config", str(config), "--no-progress"])
+    monkeypatch.setattr(MergeModule, "training_step", original)
+    run = Path(yaml.safe_load(config.read_text())["run_dir"])
+    assert not (run / "results.json").exists()
+    assert main(["eval", "--run", str(run)]) == 2  # an unfinished run is refused
+    assert main(["fit", "--config", str(config), "--resume", "--no-progress"]) == 0
+
+
+def assert_export_reproduces(run: Path, out: Path) -> None:
+    """The exported ``model.safetensors`` loaded into a plain tiny ViT gives the functional
+    merged model's outputs."""
+    import torch
+
+    from adamerge.export import load_run
+    from adamerge.io.state_dicts import load_state_dict
+    from adamerge.zoo.tiny import tiny_vit
+
+    merged, parts, _ = load_run(run)
+    model = tiny_vit()
+    model.load_state_dict(load_state_dict(out / "model.safetensors"), strict=True)
+    model.eval()
+    x = parts["streams"][0].inputs(torch.arange(8))
+    with torch.no_grad():
+        assert torch.allclose(model(x), merged(x), atol=1e-6)

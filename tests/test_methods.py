@@ -16,8 +16,7 @@ from adamerge.cli import main
 from adamerge.io.state_dicts import load_state_dict
 from adamerge.methods import create_method, list_methods
 from adamerge.solvers import doge_ops
-from adamerge.zoo.tiny import tiny_vit
-from helpers import write_config
+from helpers import assert_export_reproduces, write_config
 
 CASES: dict[str, dict] = {
     "adamerging": {"steps": 6},
@@ -33,8 +32,6 @@ def test_every_method_has_a_case():
 
 @pytest.mark.parametrize("method", sorted(CASES))
 def test_method_contract(tiny_zoo_dir, tmp_path, method):
-    from adamerge.export import load_run
-
     cfg = write_config(tmp_path, tiny_zoo_dir, method=method, options={"lr": 0.01, **CASES[method]})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
@@ -43,13 +40,7 @@ def test_method_contract(tiny_zoo_dir, tmp_path, method):
     assert [s["name"] for s in results["solvers"]] == [n for n, _ in create_method(method).solvers(create_method(method).config(CASES[method]))]
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
-    merged, parts, _ = load_run(run)
-    model = tiny_vit()
-    model.load_state_dict(load_state_dict(out / "model.safetensors"), strict=True)
-    model.eval()
-    x = parts["streams"][0].inputs(torch.arange(8))
-    with torch.no_grad():
-        assert torch.allclose(model(x), merged(x), atol=1e-6)
+    assert_export_reproduces(run, out)
     meta = json.loads((out / "adamerge.json").read_text())
     assert meta["method"] == method and meta["solvers"] == results["solvers"]
     assert main(["eval", "--run", str(run)]) == 0

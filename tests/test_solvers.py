@@ -19,8 +19,7 @@ from adamerge.solvers import create_solver, list_solvers, solver_class
 from adamerge.solvers.frank_wolfe import FrankWolfe, average_weight, golden_section
 from adamerge.solvers.pgd import ProjectedGradient
 from adamerge.solvers.projections import is_feasible, project
-from adamerge.training import MergeModule
-from helpers import write_config
+from helpers import crash_then_resume, write_config
 
 GRANULARITIES = ["task", "block", "layer", "partition:2"]
 BOUNDS = (0.0, 1.0)
@@ -187,21 +186,8 @@ def test_solver_matrix(tiny_zoo_dir, tmp_path, monkeypatch, solver, constraint, 
     # cut at a random step after the first checkpoint, resume, compare
     cut_at = random.Random(f"{solver}-{constraint}-{granularity}").randint(every + 1, steps - 1)
     cut = write_config(tmp_path / "cut", tiny_zoo_dir, **changes)
-    original = MergeModule.training_step
-
-    def crash(self, batch, idx):
-        if self.global_step == cut_at:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, idx)
-
-    monkeypatch.setattr(MergeModule, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["fit", "--config", str(cut), "--no-progress"])
-    monkeypatch.setattr(MergeModule, "training_step", original)
+    crash_then_resume(cut, cut_at, monkeypatch)
     cut_run = tmp_path / "cut" / "run"
-    assert not (cut_run / "results.json").exists()
-    assert main(["eval", "--run", str(cut_run)]) == 2  # an unfinished run is refused
-    assert main(["fit", "--config", str(cut), "--resume", "--no-progress"]) == 0
     assert torch.equal(_coefficients(run), _coefficients(cut_run)), f"cut at {cut_at}"
     steps_logged = [int(r["step"]) for r in read_metrics(cut_run) if "loss" in r]
     resumed_from = (cut_at // every) * every
@@ -215,21 +201,9 @@ def test_resume_at_every_cut_point_of_a_long_run(tiny_zoo_dir, tmp_path, monkeyp
     full = write_config(tmp_path / "full", tiny_zoo_dir, **changes)
     assert main(["fit", "--config", str(full), "--no-progress"]) == 0
     reference = _coefficients(tmp_path / "full" / "run")
-    original = MergeModule.training_step
     for cut_at in (13, 41, 58):
         folder = tmp_path / f"cut{cut_at}"
-        cfg = write_config(folder, tiny_zoo_dir, **changes)
-
-        def crash(self, batch, idx, cut_at=cut_at):
-            if self.global_step == cut_at:
-                raise RuntimeError("simulated crash")
-            return original(self, batch, idx)
-
-        monkeypatch.setattr(MergeModule, "training_step", crash)
-        with pytest.raises(RuntimeError):
-            main(["fit", "--config", str(cfg), "--no-progress"])
-        monkeypatch.setattr(MergeModule, "training_step", original)
-        assert main(["fit", "--config", str(cfg), "--resume", "--no-progress"]) == 0
+        crash_then_resume(write_config(folder, tiny_zoo_dir, **changes), cut_at, monkeypatch)
         assert torch.equal(reference, _coefficients(folder / "run")), f"cut at {cut_at}"
 
 

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 
 from adamerge.cli import main
 from adamerge.io.state_dicts import load_state_dict
-from adamerge.training import MergeModule, read_metrics
-from adamerge.zoo.tiny import tiny_vit
-from helpers import TASKS, write_config
+from adamerge.runs import read_metrics
+from helpers import TASKS, assert_export_reproduces, write_config
 
 
 @pytest.fixture(scope="module")
@@ -64,48 +63,16 @@ def test_layerwise_beats_task_arithmetic(layer_run, zoo_dir, tmp_path, capsys):
 
 
 def test_export_reproduces_functional_outputs(layer_run, tmp_path):
-    from adamerge.export import load_run
-
     out = tmp_path / "export"
     assert main(["export", str(layer_run), str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "adamerge.json", "heads.safetensors", "model.safetensors"]
     meta = json.loads((out / "adamerge.json").read_text())
     assert meta["method"] == "adamerging" and len(meta["inputs"]["experts"]) == 3
     assert all(len(e["sha256"]) == 64 for e in meta["inputs"]["experts"].values())
-    merged, parts, _ = load_run(layer_run)
-    model = tiny_vit()
-    model.load_state_dict(load_state_dict(out / "model.safetensors"), strict=True)
-    model.eval()
-    x = parts["streams"][0].inputs(torch.arange(8))
-    with torch.no_grad():
-        assert torch.allclose(model(x), merged(x), atol=1e-6)
+    assert_export_reproduces(layer_run, out)
     # a second export into a non-empty folder needs --force; nothing is overwritten without it
     assert main(["export", str(layer_run), str(out)]) == 2
     assert main(["export", str(layer_run), str(out), "--force"]) == 0
-
-
-def test_resume_is_exact(zoo_dir, tmp_path, monkeypatch):
-    full = write_config(tmp_path / "full", zoo_dir)
-    assert main(["fit", "--config", str(full), "--no-progress"]) == 0
-    cut = write_config(tmp_path / "cut", zoo_dir)
-    original = MergeModule.training_step
-
-    def crash(self, batch, idx):
-        if self.global_step == 25:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, idx)
-
-    monkeypatch.setattr(MergeModule, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["fit", "--config", str(cut), "--no-progress"])
-    monkeypatch.setattr(MergeModule, "training_step", original)
-    assert not (tmp_path / "cut" / "run" / "coefficients.safetensors").exists()
-    assert main(["fit", "--config", str(cut), "--resume", "--no-progress"]) == 0
-    a = load_file(str(tmp_path / "full" / "run" / "coefficients.safetensors"))["coefficients"]
-    b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]
-    assert torch.equal(a, b)
-    steps = [int(r["step"]) for r in read_metrics(tmp_path / "cut" / "run") if "loss/task0" in r]
-    assert steps == list(range(25)) + list(range(20, 40))  # the log of both attempts is kept
 
 
 def test_ddp_two_processes_match_one(zoo_dir, tmp_path):
