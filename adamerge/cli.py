@@ -63,7 +63,7 @@ def cmd_fit(args, extra) -> int:
     results = fit(
         run_dir, parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
         seed=cfg["seed"], resume=args.resume, progress=not args.no_progress, trainer_options=cfg["trainer"],
-        checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"],
+        checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"], cache_dir=cfg.get("cache_dir"),
     )
     if results and "after" in results:
         _print_table({"before": results["before"], "after": results["after"]}, parts["tasks"])

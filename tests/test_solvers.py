@@ -239,7 +239,7 @@ def test_default_solver_equals_a_plain_adam_loop(tiny_zoo_dir, tmp_path):
     objective = functools.partial(get_objective(mcfg.objective))
     batches = StepBatches(parts["streams"], mcfg.batch_size, steps, seed=0)
     for s in range(steps):
-        batch = batches[s]
+        batch = batches[s].inputs
         names = list(batch)
         feats = merged(torch.cat([batch[n] for n in names])).split([batch[n].shape[0] for n in names])
         loss = sum(objective(parts["heads"][n](f)) for n, f in zip(names, feats))

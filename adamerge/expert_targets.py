@@ -1,0 +1,98 @@
+"""The experts' own predictions on their unlabeled streams: targets for ``expert_distill``.
+
+Expert t's logits on every sample of task t's stream are computed once, through the one merged
+model class with one-hot coefficients (θ0 + τ_t = θ_t exactly) and expert t's own buffers (e.g.
+BatchNorm statistics), so no second copy of the model is built. The cost is one forward pass of
+each expert over its own stream. They are cached as safetensors under a cache folder, keyed by a
+digest of the expert (its file's sha256, or its task vector's bytes when it came from memory), the
+base, the head and the stream, so a resume or another run over the same inputs never recomputes
+them, and a changed expert file is never served stale predictions.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.data import TaskStream, images_layout
+from adamerge.io.files import atomic_save_safetensors, sha256_file
+from adamerge.task_vectors import TaskVectors
+
+
+def _tensor_digest(h, t: Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(str((tuple(t.shape), str(t.dtype))).encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def _source_digest(h, tv: TaskVectors, name: str, fallback: Mapping[str, Tensor]) -> None:
+    path = tv.sources.get(name)
+    if path and Path(path).is_file():
+        h.update(sha256_file(path).encode())
+    else:
+        for key in sorted(fallback):
+            _tensor_digest(h, fallback[key])
+
+
+def cache_key(tv: TaskVectors, task: str, head: nn.Module, stream: TaskStream) -> str:
+    """A digest of everything the expert's predictions on ``stream`` depend on."""
+    t = tv.task_names.index(task)
+    h = hashlib.sha256(b"adamerge-expert-targets-v1")
+    _source_digest(h, tv, task, {k: v[t] for k, v in tv.vectors.items()})
+    _source_digest(h, tv, "base", tv.base)
+    for key, value in sorted(head.state_dict().items()):
+        h.update(key.encode())
+        _tensor_digest(h, value)
+    h.update(str(len(stream)).encode())
+    ds = stream.dataset
+    if hasattr(ds, "x"):  # a tensor stream: its inputs
+        _tensor_digest(h, ds.x)
+    else:
+        h.update(str(stream.source).encode())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str, head: nn.Module, stream: TaskStream,
+                          batch_size: int = 256) -> Tensor:
+    """Expert ``task``'s logits ``[N, C]`` on every sample of its stream (float32)."""
+    from adamerge.merged import MergedModel
+
+    t = tv.task_names.index(task)
+    onehot = torch.zeros(tv.num_tasks)
+    onehot[t] = 1.0
+    expert = MergedModel(model, tv, "task", init=onehot, clamp=None).eval()
+    for i, key in enumerate(expert.buffer_keys):  # the expert's own buffers
+        if key in tv.vectors:
+            buf = expert._tensor("_buf", i)
+            buf.copy_((tv.base[key].to(torch.float64) + tv.vectors[key][t].to(torch.float64)).to(buf.dtype))
+    out = []
+    for lo in range(0, len(stream), batch_size):
+        idx = torch.arange(lo, min(lo + batch_size, len(stream)))
+        out.append(head(expert(images_layout(stream.inputs(idx)))).float())
+    return torch.cat(out)
+
+
+def expert_logits(model: nn.Module, tv: TaskVectors, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
+                  cache_dir: str | Path, batch_size: int = 256, say=lambda msg: None) -> dict[str, Tensor]:
+    """Every task's expert logits on its stream, from the cache or computed (and cached) once."""
+    from safetensors.torch import load_file
+
+    cache_dir = Path(cache_dir)
+    out: dict[str, Tensor] = {}
+    for stream in streams:
+        task = stream.name
+        path = cache_dir / f"expert_logits-{task}-{cache_key(tv, task, heads[task], stream)}.safetensors"
+        if path.is_file():
+            try:
+                out[task] = load_file(str(path))["logits"]
+                continue
+            except Exception:  # a corrupt cache entry is recomputed
+                say(f"[expert targets] {path} is unreadable; recomputing")
+        say(f"[expert targets] computing expert '{task}' on its {len(stream)} samples")
+        out[task] = compute_expert_logits(model, tv, task, heads[task], stream, batch_size)
+        atomic_save_safetensors({"logits": out[task].contiguous()}, path, {"task": task})
+    return out
