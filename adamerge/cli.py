@@ -184,7 +184,7 @@ def cmd_demo(args, extra) -> int:
 
     run_demo(
         out=args.out, cache_dir=args.cache_dir, seed=args.seed, tasks=args.tasks, image_size=args.image_size,
-        steps=args.steps, quick=args.quick, progress=not args.no_progress,
+        steps=args.steps, quick=args.quick, progress=not args.no_progress, methods=args.rows,
     )
     return 0
 
@@ -238,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--tasks", type=lambda s: [t for t in s.split(",") if t], default=None)
     d.add_argument("--image-size", type=int, default=None)
     d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--rows", type=lambda s: [r for r in s.split(";") if r], default=None,
+                   help="only these learned rows, ';'-separated (default: all; --quick: a fixed subset)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
     return p

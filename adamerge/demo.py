@@ -62,12 +62,18 @@ LEARNED |= {
     "doge": ("doge", {"steps": 400}),
     "doge+adamerging(layer,infomax,floor=0.9)": ("doge_adamerging", dict(_REC)),
 }
+# expert-guided (issue 16): the experts' own predictions on the unlabeled streams as targets
+LEARNED |= {
+    "adamerging(layer,expert_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "expert_distill"}),
+    "adamerging(partition:4,expert_distill)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "expert_distill"}),
+}
 # One fixed choice for every run (chosen on seeds 0-2, checked on held-out seeds; README).
 RECOMMENDED = "adamerging(layer,infomax,floor=0.9)"
 # ``--quick`` runs these rows only (it must stay under 3 minutes on 2 cores)
 QUICK_ROWS = [
     "adamerging(task)", "adamerging(layer)", "adamerging(block)", "adamerging++(layer)", RECOMMENDED,
     "adamerging(layer,infomax,floor=0.9,pgd-simplex)", "adamerging(layer,infomax,floor=0.9,fw-simplex)", "doge",
+    "adamerging(layer,expert_distill)",
 ]
 
 

@@ -28,7 +28,9 @@ def test_demo_writes_results_plots_and_export(demo_out):
     assert len(tasks) >= 3
     methods = results["methods"]
     for name in ("experts", "pretrained+heads", "weight_average", "task_arithmetic(lam=0.3)", "ties(lam=0.5)",
-                 "adamerging(task)", "adamerging(layer)", "adamerging(block)", "adamerging++(layer)"):
+                 "adamerging(task)", "adamerging(layer)", "adamerging(block)", "adamerging++(layer)",
+                 "adamerging(layer,infomax,floor=0.9,pgd-simplex)", "adamerging(layer,infomax,floor=0.9,fw-simplex)",
+                 "doge", "adamerging(layer,expert_distill)"):
         assert name in methods, name
     for name, r in methods.items():
         assert r["kind"] in ("reference", "data_free", "learned")
@@ -69,6 +71,8 @@ def test_demo_summary_script_reads_the_verdict(demo_out):
     assert row["recommended_mean"] == results["methods"][results["recommended"]]["mean"]
     assert row["best_data_free_mean"] == max(r["mean"] for r in results["methods"].values() if r["kind"] == "data_free")
     assert row["wins"] is True and row["worst_change"] >= -0.05
+    other = summarize(demo_out, "adamerging(layer)")
+    assert other["recommended"] == "adamerging(layer)" and other["recommended_mean"] == results["methods"]["adamerging(layer)"]["mean"]
 
 
 def test_demo_export_reloads_to_the_learned_model(demo_out):
