@@ -79,7 +79,7 @@ def _check_method(cfg: dict) -> None:
 
     method = create_method(cfg["method"])
     mcfg = method.config(cfg["options"])
-    for name, args in method.solvers(mcfg):
+    for name, args, _ in method.solvers(mcfg):
         create_solver(name, mcfg, args)
 
 

@@ -138,7 +138,9 @@ class StepBatch(NamedTuple):
 
 
 class StepBatches(Dataset):
-    """Item ``i`` is step ``start + i``'s :class:`StepBatch` (this rank's share of it)."""
+    """Item ``i`` is step ``start + i``'s :class:`StepBatch` (this rank's share of it), or with
+    ``per_step = k > 1`` a list of k batches (draws ``k·s … k·s + k − 1``: a bi-level step's
+    inner and outer batches)."""
 
     def __init__(
         self,
@@ -149,11 +151,13 @@ class StepBatches(Dataset):
         start: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        per_step: int = 1,
     ) -> None:
         if batch_size % world_size:
             raise InputError(f"batch size per task {batch_size} must be divisible by {world_size} processes")
         self.streams, self.batch_size, self.steps = list(streams), batch_size, steps
         self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
+        self.per_step = per_step
         self._perms: dict[tuple[int, int], Tensor] = {}
 
     def __len__(self) -> int:
@@ -174,8 +178,14 @@ class StepBatches(Dataset):
         pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return torch.stack([self._perm(t, int(p) // n)[int(p) % n] for p in pos])
 
-    def __getitem__(self, i: int) -> StepBatch:
-        step = self.start + i
+    def __getitem__(self, i: int) -> StepBatch | list[StepBatch]:
+        if self.per_step > 1:
+            step = self.start + i
+            return [self.draw(self.per_step * step + j) for j in range(self.per_step)]
+        return self.draw(self.start + i)
+
+    def draw(self, step: int) -> StepBatch:
+        """The batch of draw number ``step``."""
         inputs, index = {}, {}
         for t, s in enumerate(self.streams):
             idx = self.indices(step, t)[self.rank :: self.world_size]

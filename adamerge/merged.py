@@ -170,7 +170,8 @@ class MergedModel(nn.Module):
                 raise InputError("simplex coefficients need a positive init")
             init_t = init_t.log()
         self.coefficients = nn.Parameter(init_t)
-        self.masks: dict[str, Tensor] | None = None
+        self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
+        self.mask_set: nn.Module | None = None  # learnable masks (adamerge.masks.ConcreteMasks)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -234,6 +235,7 @@ class MergedModel(nn.Module):
         the tasks) or ``[T, *shape]`` (one per task); unlisted parameters are unmasked.
         """
         masks = self.masks if masks is None else masks
+        learned = self.mask_set() if self.mask_set is not None else {}
         coef = self.applied_coefficients()
         out: dict[str, Tensor] = {}
         chunks = self.grouping.chunks
@@ -244,12 +246,22 @@ class MergedModel(nn.Module):
             else:
                 weights = coef[:, self.grouping.tensor_group[key]]
             mask = masks.get(key) if masks else None
+            if key in learned:
+                mask = learned[key] if mask is None else mask.to(tau.device) * learned[key]
             if mask is not None:
                 if weights.dim() == 1:
                     weights = weights.reshape(-1, *([1] * (tau.dim() - 1)))
                 weights = weights * mask.to(tau.device)
             out[key] = merge_tensor(weights, tau, base)
         return out
+
+    def add_masks(self, mask_set: nn.Module) -> None:
+        """Attach learnable masks (a module returning ``{name: mask}``); their parameters train
+        with (or instead of) the coefficients. A mask multiplies τ after the fixed ``masks``."""
+        unknown = [k for k in getattr(mask_set, "keys", []) if k not in self.merge_keys]
+        if unknown:
+            raise InputError(f"masks for '{unknown[0]}', which is not a merged parameter")
+        self.mask_set = mask_set
 
     def current_buffers(self) -> dict[str, Tensor]:
         """Buffers used in the forward: persistent ones (per policy) and non-persistent ones."""

@@ -55,6 +55,10 @@ class RunFolder:
     def logs(self) -> Path:
         return self.path / "logs"
 
+    def stage_checkpoints(self, stage: int) -> Path:
+        """Checkpoints of data stage ``stage`` (the first stage writes to ``checkpoints/``)."""
+        return self.checkpoints if stage == 0 else self.checkpoints / f"stage{stage}"
+
     def next_log_version(self) -> int:
         return len(list(self.logs.glob("version_*")))
 
@@ -109,6 +113,19 @@ class RunFolder:
             self.state_path,
             {"meta": json.dumps(meta or {})},
         )
+
+    def stages_done(self) -> int:
+        """How many solver stages have finished (recorded with the method state)."""
+        if not self.state_path.is_file():
+            return 0
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self.state_path), "pt") as f:
+                meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+        except Exception as err:
+            raise InputError(f"{self.state_path}: cannot read the method state ({err})") from None
+        return int(meta.get("stages_done", 1))
 
     def load_state(self) -> dict[str, Tensor] | None:
         """The saved method state, or ``None`` when the run has none."""

@@ -42,7 +42,7 @@ class MergeModule(L.LightningModule):
     """
 
     def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], cfg: MethodConfig, solver,
-                 targets: Mapping[str, Tensor] | None = None) -> None:
+                 targets: Mapping[str, Tensor] | None = None, regularizer: Callable | None = None) -> None:
         super().__init__()
         missing = [t for t in merged.task_names if t not in heads]
         if missing:
@@ -62,6 +62,7 @@ class MergeModule(L.LightningModule):
             self.register_buffer(f"_target{i}", None if targets is None else targets[t], persistent=False)
         self.strict_loading = False  # checkpoints leave the frozen heads out
         self.stop_reason: str | None = None
+        self.regularizer = regularizer  # e.g. a mask-density penalty: merged -> (scalar, logs)
         self._batch_n = 1
 
     def forward(self, x: Tensor) -> Tensor:
@@ -93,6 +94,11 @@ class MergeModule(L.LightningModule):
         """The summed objective over tasks and the per-task values (error on a non-finite one)."""
         losses = self.task_losses(batch)
         loss = torch.stack(list(losses.values())).sum()
+        if self.regularizer is not None:
+            penalty = self.regularizer(self.merged)
+            if penalty is not None:
+                losses = {**losses, "regularizer": penalty}
+                loss = loss + penalty
         if check and not torch.isfinite(loss):
             bad = [n for n, v in losses.items() if not torch.isfinite(v)]
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) {bad}")
@@ -124,9 +130,11 @@ class MergeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("heads.")}
         checkpoint["adamerge_stop_reason"] = self.stop_reason
+        checkpoint["adamerge_solver"] = self.solver.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.stop_reason = checkpoint.get("adamerge_stop_reason")
+        self.solver.load_state_dict(checkpoint.get("adamerge_solver") or {})
 
 
 class StepDataModule(L.LightningDataModule):
@@ -140,17 +148,18 @@ class StepDataModule(L.LightningDataModule):
     ``start`` in a second epoch (the resume bug this prevents).
     """
 
-    def __init__(self, streams: Sequence[TaskStream], batch_size: int, steps: int, seed: int, num_workers: int = 0):
+    def __init__(self, streams: Sequence[TaskStream], batch_size: int, steps: int, seed: int,
+                 batches_per_step: int = 1, num_workers: int = 0):
         super().__init__()
         self.streams, self.batch_size, self.steps, self.seed = list(streams), batch_size, steps, seed
-        self.num_workers = num_workers
+        self.batches_per_step, self.num_workers = batches_per_step, num_workers
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start = trainer.global_step if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
-        ds = StepBatches(self.streams, self.batch_size, self.steps + start, self.seed, start, rank, world)
+        ds = StepBatches(self.streams, self.batch_size, self.steps + start, self.seed, start, rank, world, self.batches_per_step)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
 
@@ -197,13 +206,15 @@ def fit(
     eval_batch_size: int = 256,
     cache_dir: str | Path | None = None,
 ) -> dict:
-    """Run a method's solver stages (data-free ones first, then Lightning training of the
-    coefficients) and write the run folder. Returns the results dict."""
+    """Run a method's solver stages in order (data-free ones through ``Solver.solve``, data ones
+    through Lightning) and write the run folder. Each finished stage saves the method state it
+    produced, so ``resume`` continues at the first unfinished stage. Returns the results dict."""
     run = RunFolder(run_dir)
     m = create_method(method)
     cfg = m.config(options)
-    stages = [create_solver(name, cfg, args) for name, args in m.solvers(cfg)]
-    started = run.last_checkpoint.exists() or run.state_path.exists() or any(run.checkpoints.glob("*.partial.safetensors"))
+    plan = m.solvers(cfg)
+    stages = [create_solver(name, cfg, args) for name, args, _ in plan]
+    started = run.checkpoints.exists() or run.state_path.exists()
     if resume and not started:
         raise InputError(f"cannot resume: nothing to resume in {run.path} (no checkpoint, no saved method state)")
     if not resume and (started or run.results_path.exists()):
@@ -218,45 +229,56 @@ def fit(
     _quiet_lightning()
 
     start = time.perf_counter()
+    rank_zero = _is_global_zero(trainer_options)
     before_model = m.build(model, tv, cfg, seed=seed)
-    before = evaluate(before_model, heads, streams, eval_batch_size) if _is_global_zero(trainer_options) else None
+    before = evaluate(before_model, heads, streams, eval_batch_size) if rank_zero else None
     del before_model
-    state = run.load_state()
-    for solver in stages:
-        if solver.needs_data or state is not None:
+    state = run.load_state() or {}
+    done = run.stages_done()
+    merged, module, modules, steps_done, targets = None, None, [], 0, None
+    for i, (solver, (_, _, steps)) in enumerate(zip(stages, plan)):
+        last = i == len(stages) - 1
+        if i < done:
             continue
-        problem = DataFreeProblem(model, m.prepare(tv, cfg, model), cfg, run, say, seed)
-        state = solver.solve(problem)
-        run.save_state(state, {"solver": solver.name})
-    merged = m.build(model, tv, cfg, seed=seed, state=state)
-    main = stages[-1]
-    module = None
-    steps_done = 0
-    if main.needs_data and cfg.steps > 0:
-        targets = None
-        if needs_targets(cfg.objective):
-            from adamerge.expert_targets import expert_logits
+        if not solver.needs_data:
+            problem = DataFreeProblem(model, m.prepare(tv, cfg, model, state or None), cfg, run, say, seed)
+            state = {**state, **solver.solve(problem)}
+            run.save_state(state, {"stages_done": i + 1, "solver": solver.name})
+            continue
+        merged = m.build(model, tv, cfg, seed=seed, state=state or None, stage=i)
+        if steps > 0:
+            if targets is None and needs_targets(cfg.objective):
+                from adamerge.expert_targets import expert_logits
 
-            targets = expert_logits(model, tv, heads, streams, cache_dir or run.path / "cache", eval_batch_size, say)
-        module = MergeModule(merged, heads, cfg, main, targets)
-        trainer = _trainer(run, cfg, resume and run.last_checkpoint.exists(), progress, trainer_options, checkpoint_every)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", ".*LeafSpec.*")
-            warnings.filterwarnings("ignore", ".*does not have many workers.*")
-            warnings.filterwarnings("ignore", ".*IterableDataset.*|.*Checkpoint directory.*exists.*")
-            # the state AFTER the step is what a checkpoint at global_step s must hold
-            warnings.filterwarnings("ignore", ".*manual optimization and every_n_train_steps.*")
-            # the loader starts at the restored global_step (StepDataModule): it is resumable
-            warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
-            trainer.fit(
-                module,
-                datamodule=StepDataModule(streams, cfg.batch_size, cfg.steps, seed),
-                ckpt_path=str(run.last_checkpoint) if resume and run.last_checkpoint.exists() else None,
-            )
-        if not trainer.is_global_zero:
-            return {}
-        merged = module.merged.cpu()
-        steps_done = trainer.global_step
+                targets = expert_logits(model, tv, heads, streams, cache_dir or run.path / "cache", eval_batch_size, say)
+            module = MergeModule(merged, heads, cfg, solver, targets, regularizer=m.regularizer(cfg))
+            ckpt_dir = run.stage_checkpoints(i)
+            resuming = resume and (ckpt_dir / "last.ckpt").exists()
+            trainer = _trainer(run, ckpt_dir, steps, progress, trainer_options, checkpoint_every)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*LeafSpec.*")
+                warnings.filterwarnings("ignore", ".*does not have many workers.*")
+                warnings.filterwarnings("ignore", ".*IterableDataset.*|.*Checkpoint directory.*exists.*")
+                # the state AFTER the step is what a checkpoint at global_step s must hold
+                warnings.filterwarnings("ignore", ".*manual optimization and every_n_train_steps.*")
+                # the loader starts at the restored global_step (StepDataModule): it is resumable
+                warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
+                trainer.fit(
+                    module,
+                    datamodule=StepDataModule(streams, cfg.batch_size, steps, seed, solver.batches_per_step),
+                    ckpt_path=str(ckpt_dir / "last.ckpt") if resuming else None,
+                )
+            if not trainer.is_global_zero:
+                return {}
+            merged = module.merged.cpu()
+            modules.append(module)
+            steps_done += trainer.global_step
+        extra = m.stage_state(merged, cfg, i, last)
+        if extra or not last:
+            state = {**state, **extra}
+            run.save_state(state, {"stages_done": i + 1, "solver": solver.name})
+    if merged is None:  # the last stage was data-free: the final model comes from the state
+        merged = m.build(model, tv, cfg, seed=seed, state=state or None)
     seconds = time.perf_counter() - start
     if cfg.buffer_policy == "reestimate":
         merged.reestimate_buffers(reestimate_batches(streams, eval_batch_size))
@@ -266,11 +288,12 @@ def fit(
     results = {
         "method": method,
         "options": dataclasses.asdict(cfg),
-        "solvers": [s.summary(module) for s in stages],
+        "solvers": [s.summary() for s in stages],
         "uses_labels": m.uses_labels,
         "seconds": seconds,
         "steps": steps_done,
-        "stopped_early": None if module is None else module.stop_reason,
+        "stopped_early": next((mod.stop_reason for mod in modules if mod.stop_reason), None),
+        **m.results(merged, cfg),
     }
     if before is not None and after is not None:
         results |= {"before": before, "after": after}
@@ -290,15 +313,16 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)  # no GPU/TPU banners, no tips
 
 
-def _trainer(run: RunFolder, cfg: MethodConfig, resuming: bool, progress: bool, trainer_options: dict | None, checkpoint_every: int) -> L.Trainer:
+def _trainer(run: RunFolder, ckpt_dir: Path, steps: int, progress: bool, trainer_options: dict | None,
+             checkpoint_every: int) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    ckpt = ModelCheckpoint(dirpath=str(run.checkpoints), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
+    ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
     opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
     return L.Trainer(
-        max_steps=cfg.steps,
+        max_steps=steps,
         max_epochs=-1,
-        logger=_loggers(run.path, run.next_log_version() if resuming else 0),
+        logger=_loggers(run.path, run.next_log_version()),  # one log version per attempt and stage
         callbacks=[ckpt],
         enable_progress_bar=progress,
         enable_model_summary=False,

@@ -37,7 +37,7 @@ def test_method_contract(tiny_zoo_dir, tmp_path, method):
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["method"] == method
-    assert [s["name"] for s in results["solvers"]] == [n for n, _ in create_method(method).solvers(create_method(method).config(CASES[method]))]
+    assert [s["name"] for s in results["solvers"]] == [n for n, _, _ in create_method(method).solvers(create_method(method).config(CASES[method]))]
     out = tmp_path / "export"
     assert main(["export", str(run), str(out)]) == 0
     assert_export_reproduces(run, out)

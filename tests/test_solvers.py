@@ -248,3 +248,20 @@ def test_default_solver_equals_a_plain_adam_loop(tiny_zoo_dir, tmp_path):
         torch.nn.utils.clip_grad_norm_([merged.coefficients], mcfg.grad_clip)
         opt.step()
     assert torch.allclose(merged.applied_coefficients().detach(), _coefficients(tmp_path / "run"), atol=1e-6)
+
+
+def test_methods_and_solvers_do_not_import_the_training_loop():
+    """The data path's layering: methods and solvers are plain Python; Lightning and the
+    LightningModule's module are imported only by training (no import circle)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, adamerge, adamerge.methods, adamerge.solvers, adamerge.runs, adamerge.sources\n"
+        "from adamerge.methods import create_method\n"
+        "m = create_method('doge_adamerging'); cfg = m.config({})\n"
+        "bad = [k for k in sys.modules if k == 'adamerge.training' or k.startswith('lightning')]\n"
+        "assert not bad, bad\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]

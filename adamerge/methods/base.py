@@ -139,10 +139,22 @@ class Method:
             values[key] = value
         return MethodConfig.from_dict(values)
 
-    def solvers(self, cfg: MethodConfig) -> list[tuple[str, dict]]:
-        """The solver stages of a fit, in order, each with its own options."""
-        stages = [(self.prepare_solver, cfg.prepare_args)] if self.prepare_solver else []
-        return stages + [(cfg.solver, cfg.solver_args)]
+    def solvers(self, cfg: MethodConfig) -> list[tuple[str, dict, int]]:
+        """The solver stages of a fit, in order: (solver name, its options, its steps)."""
+        stages = [(self.prepare_solver, cfg.prepare_args, 0)] if self.prepare_solver else []
+        return stages + [(cfg.solver, cfg.solver_args, cfg.steps)]
+
+    def stage_state(self, merged: MergedModel, cfg: MethodConfig, stage: int, last: bool) -> dict:
+        """Method state to save after data stage ``stage`` (e.g. a frozen mask); none by default."""
+        return {}
+
+    def regularizer(self, cfg: MethodConfig):
+        """A penalty added to the objective, ``merged -> scalar`` (or ``None``)."""
+        return None
+
+    def results(self, merged: MergedModel, cfg: MethodConfig) -> dict:
+        """Extra entries for results.json (e.g. the achieved mask density)."""
+        return {}
 
     def prepare(self, tv: TaskVectors, cfg: MethodConfig, model: nn.Module, state: dict | None = None) -> TaskVectors:
         """Task-vector preprocessing (none by default; TIES on the parameters when
@@ -159,7 +171,10 @@ class Method:
         the task vectors before :meth:`prepare`."""
         return cfg.init
 
-    def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0, state: dict | None = None) -> MergedModel:
+    def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0, state: dict | None = None,
+              stage: int | None = None) -> MergedModel:
+        """The merged model: for training data stage ``stage``, or (``None``) the final model that
+        ``state`` and the saved coefficients describe."""
         from adamerge.solvers import create_solver
 
         solver = create_solver(cfg.solver, cfg)

@@ -51,6 +51,7 @@ class Solver:
     Options: type = NoOptions
     needs_data = True
     constraints: tuple[str, ...] = ("none", "box", "simplex")
+    batches_per_step = 1  # batches a data step consumes (a bi-level step: 2)
     description = ""
 
     def __init__(self, cfg, args: dict | None = None) -> None:
@@ -81,6 +82,13 @@ class Solver:
     def solve(self, problem) -> dict[str, Tensor]:
         """Data-free: return method state (tensors) for ``method.build(..., state=...)``."""
         raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """Solver state kept in Lightning checkpoints besides the optimiser's (plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s values on resume."""
 
     def summary(self, module=None) -> dict:
         """Solver facts for ``results.json`` (name, constraint, options; e.g. FW's final gap)."""

@@ -176,5 +176,11 @@ class FrankWolfeSolver(Solver):
             module.request_stop(f"Frank-Wolfe gap {gap:.3g} <= gap_tol {self.args.gap_tol:g}")
         return loss
 
+    def state_dict(self) -> dict:
+        return {"last_gap": self.last_gap}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_gap = state.get("last_gap", self.last_gap)
+
     def summary(self, module=None) -> dict:
         return {**super().summary(module), "final_gap": self.last_gap}
