@@ -56,7 +56,8 @@ class ConcreteMasks(nn.Module):
     """
 
     def __init__(self, shapes: dict[str, torch.Size], num_tasks: int, per_task: bool = False,
-                 temperature: float = 0.5, eval_mode: str = "sample", init_logit: float = 0.0, seed: int = 0) -> None:
+                 temperature: float = 0.5, eval_mode: str = "sample", init_logit: float = 0.0, seed: int = 0,
+                 end_temperature: float | None = None) -> None:
         super().__init__()
         if not shapes:
             raise InputError("ConcreteMasks: no parameters to mask")
@@ -71,12 +72,22 @@ class ConcreteMasks(nn.Module):
             for k in self.keys
         )
         self.seed = seed
+        self.start_temperature, self.end_temperature = self.temperature, end_temperature
         self.frozen: dict[str, Tensor] | None = None
-        self._draws = 0
+        self._step, self._draws = 0, 0
+
+    def set_step(self, step: int, fraction: float | None = None) -> None:
+        """Samples are a function of (seed, step, draw within the step), so a resumed run draws
+        what an uninterrupted one would; with ``end_temperature`` the temperature anneals
+        linearly from its start value as ``fraction`` (of the run) goes from 0 to 1."""
+        self._step, self._draws = int(step), 0
+        if self.end_temperature is not None and fraction is not None:
+            frac = min(1.0, max(0.0, fraction))
+            self.temperature = self.start_temperature + (self.end_temperature - self.start_temperature) * frac
 
     def _generator(self) -> torch.Generator:
         self._draws += 1
-        return torch.Generator().manual_seed(self.seed * 1_000_003 + self._draws)
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self._step) * 64 + self._draws)
 
     def forward(self) -> dict[str, Tensor]:
         if self.frozen is not None:

@@ -121,7 +121,10 @@ class MergeModule(L.LightningModule):
         self.stop_reason = reason
         self.trainer.should_stop = True
 
-    def training_step(self, batch: Mapping[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        masks = self.merged.mask_set
+        if masks is not None and masks.frozen is None:  # learnable masks: samples keyed by the step
+            masks.set_step(self.global_step, self.global_step / max(1, self.trainer.max_steps))
         return self.solver.training_step(self, batch)
 
     def configure_optimizers(self):

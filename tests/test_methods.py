@@ -23,6 +23,8 @@ CASES: dict[str, dict] = {
     "adamerging++": {"steps": 6},
     "doge": {"steps": 15},
     "doge_adamerging": {"steps": 6, "prepare_args": {"steps_per_layer": 10}},
+    "concrete_ta": {"steps": 6},
+    "concrete_adamerging": {"steps": 4, "method_args": {"adamerging_steps": 4}},
 }
 
 

@@ -52,6 +52,7 @@ class MethodConfig:
     solver: str = "gradient"
     solver_args: dict = field(default_factory=dict)  # the solver's own options (see its Options)
     prepare_args: dict = field(default_factory=dict)  # options of the method's data-free prepare solver
+    method_args: dict = field(default_factory=dict)  # the method's own options (e.g. Concrete masks)
     optimizer: str = "adam"
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -99,7 +100,7 @@ class MethodConfig:
             raise InputError(f"unknown optimizer '{self.optimizer}'{did_you_mean(self.optimizer, list_optimizers())}; choose from {list_optimizers()}")
         if self.buffer_policy not in BUFFER_POLICIES:
             raise InputError(f"option 'buffer_policy' must be one of {list(BUFFER_POLICIES)}, got {self.buffer_policy!r}")
-        for name in ("objective_args", "solver_args", "prepare_args", "extra"):
+        for name in ("objective_args", "solver_args", "prepare_args", "method_args", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"option '{name}' must be a mapping, got {getattr(self, name)!r}")
 
