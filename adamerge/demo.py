@@ -62,6 +62,15 @@ LEARNED |= {
     "doge": ("doge", {"steps": 400}),
     "doge+adamerging(layer,infomax,floor=0.9)": ("doge_adamerging", dict(_REC)),
 }
+# Concrete subspace masks (issue 10): the papers' 2000 steps at lr 1e-3 compressed like the
+# AdaMerging rows (the demo's steps at lr 1e-2); concrete_adamerging: that many meta-steps, then
+# that many AdaMerging steps on the frozen mask
+LEARNED |= {
+    "concrete_ta": ("concrete_ta", {"lr": 1e-2}),
+    "concrete_adamerging(layer)": ("concrete_adamerging", {"lr": 1e-2}),
+    "concrete_adamerging(layer,infomax,floor=0.9)": (
+        "concrete_adamerging", {"lr": 1e-2, "objective": "infomax", "objective_args": {"floor": 0.9}}),
+}
 # expert-guided (issue 16): the experts' own predictions on the unlabeled streams as targets
 LEARNED |= {
     "adamerging(layer,expert_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "expert_distill"}),
@@ -156,6 +165,8 @@ def run_demo(
     for name in chosen:
         method, options = LEARNED[name]
         options = {**options, "steps": options.get("steps", steps)}
+        if method == "concrete_adamerging":
+            options["method_args"] = {"adamerging_steps": options["steps"], **options.get("method_args", {})}
         if quick and method == "doge":
             options["steps"] = 100
         run_dir = runs / _slug(name)
