@@ -64,6 +64,7 @@ def cmd_fit(args, extra) -> int:
         run_dir, parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
         seed=cfg["seed"], resume=args.resume, progress=not args.no_progress, trainer_options=cfg["trainer"],
         checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"], cache_dir=cfg.get("cache_dir"),
+        labeled=parts.get("labeled"),
     )
     if results and "after" in results:
         _print_table({"before": results["before"], "after": results["after"]}, parts["tasks"])
@@ -74,6 +75,7 @@ def cmd_fit(args, extra) -> int:
 
 def _check_method(cfg: dict) -> None:
     """Method, options and solver options are valid (before anything is written)."""
+    from adamerge.errors import InputError
     from adamerge.methods import create_method
     from adamerge.solvers import create_solver
 
@@ -81,6 +83,9 @@ def _check_method(cfg: dict) -> None:
     mcfg = method.config(cfg["options"])
     for name, args, _ in method.solvers(mcfg):
         create_solver(name, mcfg, args)
+    if method.uses_labels_with(mcfg) and not cfg.get("labeled"):
+        raise InputError(f"method '{cfg['method']}' with objective '{mcfg.objective}' needs labels: give a labeled split"
+                         " (config 'labeled:'); the scored streams are never trained on with labels")
 
 
 def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:

@@ -13,6 +13,8 @@ Schema (paths are relative to the config file)::
     heads: {mnist: heads/mnist.safetensors, ...}   # or {path: ..., normalize: true}
                                                    # or {classnames: [...], templates: [...]} (CLIP zero-shot)
     data: {mnist: {folder: data/mnist/test}, ...}   # or {tensors: file.safetensors} with x (and y)
+    labeled: {mnist: {tensors: train.safetensors}}  # optional: a labeled split (few-shot methods);
+                                                    # never the scored stream
     storage_dtype: float32              # or bfloat16
     method: adamerging
     options: {granularity: layer, steps: 500, lr: 0.001, batch_size: 16, ...}
@@ -103,14 +105,17 @@ def resolve_paths(cfg: dict, root: Path) -> dict:
             spec["path"] = fix(spec["path"])
         heads[t] = spec
     cfg["heads"] = heads
-    data = {}
-    for t, spec in cfg["data"].items():
-        spec = {"folder": spec} if isinstance(spec, str) else dict(spec)
-        for key in ("folder", "tensors"):
-            if key in spec:
-                spec[key] = fix(spec[key])
-        data[t] = spec
-    cfg["data"] = data
+    for section in ("data", "labeled"):
+        if not cfg.get(section):
+            continue
+        data = {}
+        for t, spec in cfg[section].items():
+            spec = {"folder": spec} if isinstance(spec, str) else dict(spec)
+            for key in ("folder", "tensors"):
+                if key in spec:
+                    spec[key] = fix(spec[key])
+            data[t] = spec
+        cfg[section] = data
     if cfg["model"].get("checkpoint"):
         cfg["model"]["checkpoint"] = fix(cfg["model"]["checkpoint"])
     cfg["run_dir"] = fix(cfg["run_dir"])
@@ -154,12 +159,14 @@ def _full_clip(m: dict):
     return create_open_clip(m["name"], m.get("checkpoint"), tower="full")
 
 
-def build_streams(cfg: dict, transform: Callable | None) -> list:
+def build_streams(cfg: dict, transform: Callable | None, section: str = "data") -> list:
+    """The streams of a config section: ``data`` (the scored, unlabeled-at-training streams) or
+    ``labeled`` (a labeled split for few-shot methods, never scored)."""
     from adamerge.data import stream_from_folder, stream_from_tensors
     from adamerge.io.state_dicts import load_state_dict
 
     streams = []
-    for task, spec in cfg["data"].items():
+    for task, spec in cfg[section].items():
         if "tensors" in spec:
             sd = load_state_dict(spec["tensors"])
             if "x" not in sd:
@@ -199,7 +206,10 @@ def build_all(cfg: dict) -> dict:
     tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
     heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache")
     streams = build_streams(cfg, transform)
-    return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": tasks}
+    labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None
+    if labeled and sorted(s.name for s in labeled) != sorted(tasks):
+        raise InputError(f"labeled tasks {sorted(s.name for s in labeled)} do not match experts {sorted(tasks)}")
+    return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": tasks, "labeled": labeled}
 
 
 def dump_config(cfg: dict) -> str:

@@ -10,6 +10,7 @@ and a multi-process (DDP) run see exactly the samples an uninterrupted single pr
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,6 +153,8 @@ class StepBatches(Dataset):
         rank: int = 0,
         world_size: int = 1,
         per_step: int = 1,
+        pools: Mapping[str, Sequence[Tensor]] | None = None,
+        mix: Sequence[float] | None = None,
     ) -> None:
         if batch_size % world_size:
             raise InputError(f"batch size per task {batch_size} must be divisible by {world_size} processes")
@@ -159,6 +162,22 @@ class StepBatches(Dataset):
         self.seed, self.start, self.rank, self.world_size = seed, start, rank, world_size
         self.per_step = per_step
         self._perms: dict[tuple[int, int], Tensor] = {}
+        # optional per-task pools of stream positions, each contributing a fixed share of the batch
+        self.pools = {k: [torch.as_tensor(p, dtype=torch.long) for p in v] for k, v in (pools or {}).items()}
+        if self.pools:
+            mix = list(mix or [])
+            counts = [int(round(batch_size * m)) for m in mix]
+            counts[-1] = batch_size - sum(counts[:-1])
+            if any(c < 0 for c in counts):
+                raise InputError(f"bad pool mix {mix} for batch size {batch_size}")
+            self.pool_counts = counts
+            for name, pools_t in self.pools.items():
+                if len(pools_t) != len(counts):
+                    raise InputError(f"task '{name}': {len(pools_t)} pools but a mix of {len(counts)}")
+                for j, p in enumerate(pools_t):
+                    if counts[j] and len(p) == 0:
+                        raise InputError(f"task '{name}': pool {j} is empty")
+        self._pool_perms: dict[tuple[int, int, int], Tensor] = {}
 
     def __len__(self) -> int:
         return max(0, self.steps - self.start)
@@ -172,8 +191,25 @@ class StepBatches(Dataset):
             self._perms[key] = torch.randperm(len(self.streams[t]), generator=gen)
         return self._perms[key]
 
+    def _pool_indices(self, step: int, t: int) -> Tensor:
+        name = self.streams[t].name
+        out = []
+        for j, (pool, count) in enumerate(zip(self.pools[name], self.pool_counts)):
+            n = len(pool)
+            for p in range(step * count, (step + 1) * count):
+                key = (t, j, p // n)
+                if key not in self._pool_perms:
+                    if len(self._pool_perms) > 8 * len(self.streams):
+                        self._pool_perms.clear()
+                    gen = torch.Generator().manual_seed(_seed_for(self.seed, name, "pool", j, p // n))
+                    self._pool_perms[key] = pool[torch.randperm(n, generator=gen)]
+                out.append(self._pool_perms[key][p % n])
+        return torch.stack(out)
+
     def indices(self, step: int, t: int) -> Tensor:
         """Sample indices of task ``t`` in the global batch of ``step`` (all ranks)."""
+        if self.streams[t].name in self.pools:
+            return self._pool_indices(step, t)
         n = len(self.streams[t])
         pos = torch.arange(step * self.batch_size, (step + 1) * self.batch_size)
         return torch.stack([self._perm(t, int(p) // n)[int(p) % n] for p in pos])
@@ -191,6 +227,28 @@ class StepBatches(Dataset):
             idx = self.indices(step, t)[self.rank :: self.world_size]
             inputs[s.name], index[s.name] = s.inputs(idx), idx
         return StepBatch(inputs, index)
+
+
+def strong_view(x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0)) -> Tensor:
+    """aTLAS's strong view of an image batch ``[N, C, H, W]``: per sample a random resized crop
+    (area fraction in ``scale``, aspect ratio 3/4..4/3, resized back to H×W) and a horizontal flip
+    with probability 1/2. Deterministic given the generator."""
+    if x.dim() != 4:
+        raise InputError(f"strong views need image batches [N, C, H, W], got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    out = torch.empty_like(x)
+    r = torch.rand(n, 4, generator=generator)
+    for i in range(n):
+        area = scale[0] + (scale[1] - scale[0]) * float(r[i, 0])
+        ratio = math.exp(math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * float(r[i, 1]))
+        ch = max(1, min(h, int(round(math.sqrt(area * h * w / ratio)))))
+        cw = max(1, min(w, int(round(math.sqrt(area * h * w * ratio)))))
+        top = int(float(r[i, 2]) * (h - ch + 1))
+        left = int(float(r[i, 3]) * (w - cw + 1))
+        crop = x[i : i + 1, :, top : top + ch, left : left + cw]
+        crop = F.interpolate(crop.float(), size=(h, w), mode="bilinear", align_corners=False).to(x.dtype)
+        out[i] = crop[0].flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop[0]
+    return out
 
 
 def images_layout(x: Tensor) -> Tensor:

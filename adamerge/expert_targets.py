@@ -37,11 +37,15 @@ def _source_digest(h, tv: TaskVectors, name: str, fallback: Mapping[str, Tensor]
             _tensor_digest(h, fallback[key])
 
 
-def cache_key(tv: TaskVectors, task: str, head: nn.Module, stream: TaskStream) -> str:
-    """A digest of everything the expert's predictions on ``stream`` depend on."""
-    t = tv.task_names.index(task)
+def cache_key(tv: TaskVectors, task: str | None, head: nn.Module, stream: TaskStream) -> str:
+    """A digest of everything the expert's (``task``) or, with ``None``, the pretrained model's
+    predictions on ``stream`` depend on."""
     h = hashlib.sha256(b"adamerge-expert-targets-v1")
-    _source_digest(h, tv, task, {k: v[t] for k, v in tv.vectors.items()})
+    if task is not None:
+        t = tv.task_names.index(task)
+        _source_digest(h, tv, task, {k: v[t] for k, v in tv.vectors.items()})
+    else:
+        h.update(b"pretrained")
     _source_digest(h, tv, "base", tv.base)
     for key, value in sorted(head.state_dict().items()):
         h.update(key.encode())
@@ -56,17 +60,19 @@ def cache_key(tv: TaskVectors, task: str, head: nn.Module, stream: TaskStream) -
 
 
 @torch.no_grad()
-def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str, head: nn.Module, stream: TaskStream,
+def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str | None, head: nn.Module, stream: TaskStream,
                           batch_size: int = 256) -> Tensor:
-    """Expert ``task``'s logits ``[N, C]`` on every sample of its stream (float32)."""
+    """Expert ``task``'s (``None``: the pretrained model's) logits ``[N, C]`` on every sample of
+    the stream (float32)."""
     from adamerge.merged import MergedModel
 
-    t = tv.task_names.index(task)
     onehot = torch.zeros(tv.num_tasks)
-    onehot[t] = 1.0
+    if task is not None:
+        t = tv.task_names.index(task)
+        onehot[t] = 1.0
     expert = MergedModel(model, tv, "task", init=onehot, clamp=None).eval()
-    for i, key in enumerate(expert.buffer_keys):  # the expert's own buffers
-        if key in tv.vectors:
+    for i, key in enumerate(expert.buffer_keys):  # the expert's own buffers (θ0's for the pretrained)
+        if task is not None and key in tv.vectors:
             buf = expert._tensor("_buf", i)
             buf.copy_((tv.base[key].to(torch.float64) + tv.vectors[key][t].to(torch.float64)).to(buf.dtype))
     out = []
@@ -77,22 +83,25 @@ def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str, head: nn
 
 
 def expert_logits(model: nn.Module, tv: TaskVectors, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
-                  cache_dir: str | Path, batch_size: int = 256, say=lambda msg: None) -> dict[str, Tensor]:
-    """Every task's expert logits on its stream, from the cache or computed (and cached) once."""
+                  cache_dir: str | Path, batch_size: int = 256, say=lambda msg: None, pretrained: bool = False) -> dict[str, Tensor]:
+    """Every task's expert logits on its stream (``pretrained``: the pretrained model's, through
+    each task's head), from the cache or computed (and cached) once."""
     from safetensors.torch import load_file
 
     cache_dir = Path(cache_dir)
     out: dict[str, Tensor] = {}
     for stream in streams:
         task = stream.name
-        path = cache_dir / f"expert_logits-{task}-{cache_key(tv, task, heads[task], stream)}.safetensors"
+        who = None if pretrained else task
+        prefix = "pretrained_logits" if pretrained else "expert_logits"
+        path = cache_dir / f"{prefix}-{task}-{cache_key(tv, who, heads[task], stream)}.safetensors"
         if path.is_file():
             try:
                 out[task] = load_file(str(path))["logits"]
                 continue
             except Exception:  # a corrupt cache entry is recomputed
                 say(f"[expert targets] {path} is unreadable; recomputing")
-        say(f"[expert targets] computing expert '{task}' on its {len(stream)} samples")
-        out[task] = compute_expert_logits(model, tv, task, heads[task], stream, batch_size)
+        say(f"[expert targets] computing the {'pretrained model' if pretrained else 'expert'} on '{task}' ({len(stream)} samples)")
+        out[task] = compute_expert_logits(model, tv, who, heads[task], stream, batch_size)
         atomic_save_safetensors({"logits": out[task].contiguous()}, path, {"task": task})
     return out

@@ -10,7 +10,11 @@ A :class:`Grouping` maps every merged tensor to a coefficient group; the merged 
   ``conv_stem``...), after dropping the prefix shared by every name (``visual.``).
 - ``layer``: one group per tensor. AdaMerging's "layer-wise" = aTLAS's "blockwise" = this.
 - ``partition:R``: each tensor split into R contiguous chunks of its flattened elements (aTLAS
-  ``--partition R``); ``partition:R:random`` assigns elements to chunks by a seeded permutation.
+  ``--partition R``); ``partition:R:random`` assigns elements to chunks by a seeded permutation
+  (equal chunk sizes); ``partition:R:atlas`` is aTLAS's own scheme: every element of a weight
+  with 2+ dimensions draws an independent, uniform, seeded group index (chunk sizes vary), and
+  1-D tensors (biases, norms) are not partitioned. The assignment is a pure function of the seed
+  and the shapes, so a resume or an export regenerates exactly the groups the run trained.
   A tensor with fewer than R elements gets one chunk per element.
 - rules: a list of ``[regex, group]`` pairs; the first regex that ``re.search``-es the name wins,
   the group may use ``\\1`` back-references; a name matching no rule is an error, so end with a
@@ -168,12 +172,41 @@ def make_grouping(spec: Spec, shapes: dict[str, torch.Size], seed: int = 0) -> G
         except (IndexError, ValueError):
             r = 0
         mode = parts[2] if len(parts) > 2 else "contiguous"
-        if r < 1 or mode not in ("contiguous", "random") or len(parts) > 3:
-            raise InputError(f"bad granularity '{spec}': use partition:R or partition:R:random, R >= 1")
+        if r < 1 or mode not in ("contiguous", "random", "atlas") or len(parts) > 3:
+            raise InputError(f"bad granularity '{spec}': use partition:R, partition:R:random or partition:R:atlas, R >= 1")
+        if mode == "atlas":
+            return _atlas_partition(spec, shapes, r, seed)
         return _partition(spec, shapes, r, mode == "random", seed)
     raise InputError(
         f"unknown granularity '{spec}': use task, block, layer, partition:R or a list of rules"
     )
+
+
+def _atlas_partition(spec: str, shapes: dict[str, torch.Size], r: int, seed: int) -> Grouping:
+    """aTLAS: an independent uniform group index per element of every 2+-D tensor."""
+    gen = torch.Generator().manual_seed(seed)
+    group_names: list[str] = []
+    tensor_group: dict[str, int] = {}
+    chunks: dict[str, Chunks] = {}
+    for name, shape in shapes.items():
+        shape = torch.Size(shape)
+        first = len(group_names)
+        tensor_group[name] = first
+        if len(shape) < 2 or r == 1:
+            group_names.append(name)
+            continue
+        n = int(shape.numel())
+        label = torch.randint(0, r, (n,), generator=gen)
+        counts = torch.bincount(label, minlength=r)
+        used = [i for i in range(r) if counts[i] > 0]
+        remap = torch.full((r,), -1, dtype=torch.long)
+        remap[used] = torch.arange(len(used))
+        label = remap[label]
+        order = torch.argsort(label, stable=True)  # chunk order -> element
+        inv = torch.empty(n, dtype=torch.int32).scatter_(0, order, torch.arange(n, dtype=torch.int32))
+        group_names.extend(f"{name}#{i}" for i in used)
+        chunks[name] = Chunks(first, len(used), [int(counts[i]) for i in used], inv)
+    return Grouping(spec, group_names, tensor_group, chunks)
 
 
 def _partition(spec: str, shapes: dict[str, torch.Size], r: int, random: bool, seed: int) -> Grouping:

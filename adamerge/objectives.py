@@ -19,6 +19,9 @@ predictive distribution on the same unlabeled samples (precomputed once, see
 (argmax) targets and an optional confidence filter. It assumes each expert is good on its own
 task: the merged model is pulled towards the experts, errors included.
 
+Self-training (no labels): ``weak_strong`` (aTLAS's test-time objective): cross-entropy of a strong
+augmented view against the weak view's confident pseudo-label.
+
 Labeled: ``cross_entropy`` (for few-shot methods; never used on test streams).
 """
 from __future__ import annotations
@@ -101,7 +104,17 @@ def expert_distill(
     return kl.mean() * temperature**2
 
 
-expert_distill.needs_targets = True  # type: ignore[attr-defined]
+def weak_strong(logits: Tensor, labels: Tensor | None = None, targets: Tensor | None = None, confidence: float = 0.99) -> Tensor:
+    """aTLAS's test-time objective: cross-entropy of the strong (augmented) view's logits against
+    the weak (plain) view's predicted class, on the samples where the weak view's confidence is at
+    least ``confidence``. ``targets`` are the weak view's logits (computed without gradient)."""
+    return expert_distill(logits, targets=targets, hard=True, confidence=confidence)
+
+
+# what an objective needs besides the logits: the experts' predictions, the labels of a labeled
+# (few-shot) split, or the weak view of the same samples
+expert_distill.target_kind = "experts"  # type: ignore[attr-defined]
+weak_strong.target_kind = "views"  # type: ignore[attr-defined]
 
 
 def cross_entropy(logits: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -110,19 +123,28 @@ def cross_entropy(logits: Tensor, labels: Tensor | None = None) -> Tensor:
     return F.cross_entropy(logits.float(), labels)
 
 
+cross_entropy.target_kind = "labels"  # type: ignore[attr-defined]
+
+
 OBJECTIVES: dict[str, Objective] = {
     "entropy": entropy,
     "entropy_norm": entropy_norm,
     "reliable_entropy": reliable_entropy,
     "infomax": infomax,
     "expert_distill": expert_distill,
+    "weak_strong": weak_strong,
     "cross_entropy": cross_entropy,
 }
 
 
+def target_kind(name: str) -> str | None:
+    """What an objective needs per sample: ``experts``, ``labels``, ``views`` or nothing (None)."""
+    return getattr(get_objective(name), "target_kind", None)
+
+
 def needs_targets(name: str) -> bool:
     """Whether an objective needs the experts' predictions on the stream."""
-    return bool(getattr(get_objective(name), "needs_targets", False))
+    return target_kind(name) == "experts"
 
 
 def get_objective(name: str) -> Objective:

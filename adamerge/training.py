@@ -22,11 +22,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from adamerge.data import StepBatch, StepBatches, TaskStream, images_layout
+from adamerge.data import StepBatch, StepBatches, TaskStream, images_layout, strong_view
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.merged import MergedModel
 from adamerge.methods import MethodConfig, create_method
-from adamerge.objectives import get_objective, needs_targets
+from adamerge.objectives import get_objective, target_kind
 from adamerge.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
 from adamerge.solvers import create_solver
 from adamerge.task_vectors import TaskVectors
@@ -42,7 +42,8 @@ class MergeModule(L.LightningModule):
     """
 
     def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], cfg: MethodConfig, solver,
-                 targets: Mapping[str, Tensor] | None = None, regularizer: Callable | None = None) -> None:
+                 targets: Mapping[str, Tensor] | None = None, regularizer: Callable | None = None,
+                 augment: bool = False, seed: int = 0) -> None:
         super().__init__()
         missing = [t for t in merged.task_names if t not in heads]
         if missing:
@@ -55,9 +56,10 @@ class MergeModule(L.LightningModule):
         self.cfg = cfg
         self.solver = solver
         self.objective = functools.partial(get_objective(cfg.objective), **cfg.objective_args)
-        self.needs_targets = needs_targets(cfg.objective)
-        if self.needs_targets and targets is None:
-            raise InputError(f"objective '{cfg.objective}' needs the experts' predictions (targets)")
+        self.target_kind = target_kind(cfg.objective)
+        if self.target_kind in ("experts", "labels") and targets is None:
+            raise InputError(f"objective '{cfg.objective}' needs per-sample {self.target_kind} (targets)")
+        self.augment, self.seed = augment, seed
         for i, t in enumerate(merged.task_names):  # per-sample targets move with the module
             self.register_buffer(f"_target{i}", None if targets is None else targets[t], persistent=False)
         self.strict_loading = False  # checkpoints leave the frozen heads out
@@ -78,16 +80,32 @@ class MergeModule(L.LightningModule):
         names = list(inputs)
         sizes = [inputs[n].shape[0] for n in names]
         self._batch_n = sum(sizes)
-        features = self.merged(images_layout(torch.cat([inputs[n] for n in names])))
+        x = torch.cat([inputs[n] for n in names])
+        kind = self.target_kind
+        weak = None
+        if kind == "views" or self.augment:
+            # the strong view: a function of (seed, step), the same for every call within a step
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
+            strong = strong_view(x.cpu(), gen).to(x.device)
+            if kind == "views":
+                with torch.no_grad():
+                    weak = self.merged(images_layout(x)).split(sizes)
+            x = strong
+        features = self.merged(images_layout(x)).split(sizes)
         out = {}
-        for n, f in zip(names, features.split(sizes)):
-            if self.needs_targets:
+        for k, (n, f) in enumerate(zip(names, features)):
+            logits = self.heads[n](f)
+            if kind in ("experts", "labels"):
                 if index is None:
                     raise InputError("per-sample targets need a StepBatch (inputs with their stream positions)")
                 target = getattr(self, f"_target{self.merged.task_names.index(n)}")[index[n].to(f.device)]
-                out[n] = self.objective(self.heads[n](f), targets=target)
+                out[n] = self.objective(logits, targets=target) if kind == "experts" else self.objective(logits, target)
+            elif kind == "views":
+                with torch.no_grad():
+                    weak_logits = self.heads[n](weak[k])
+                out[n] = self.objective(logits, targets=weak_logits)
             else:
-                out[n] = self.objective(self.heads[n](f))
+                out[n] = self.objective(logits)
         return out
 
     def batch_loss(self, batch: Mapping[str, Tensor], check: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
@@ -152,17 +170,18 @@ class StepDataModule(L.LightningDataModule):
     """
 
     def __init__(self, streams: Sequence[TaskStream], batch_size: int, steps: int, seed: int,
-                 batches_per_step: int = 1, num_workers: int = 0):
+                 batches_per_step: int = 1, pools: dict | None = None, mix: list | None = None, num_workers: int = 0):
         super().__init__()
         self.streams, self.batch_size, self.steps, self.seed = list(streams), batch_size, steps, seed
-        self.batches_per_step, self.num_workers = batches_per_step, num_workers
+        self.batches_per_step, self.pools, self.mix, self.num_workers = batches_per_step, pools, mix, num_workers
 
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         start = trainer.global_step if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
-        ds = StepBatches(self.streams, self.batch_size, self.steps + start, self.seed, start, rank, world, self.batches_per_step)
+        ds = StepBatches(self.streams, self.batch_size, self.steps + start, self.seed, start, rank, world,
+                         self.batches_per_step, self.pools, self.mix)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers)
 
 
@@ -208,6 +227,7 @@ def fit(
     checkpoint_every: int = 50,
     eval_batch_size: int = 256,
     cache_dir: str | Path | None = None,
+    labeled: Sequence[TaskStream] | None = None,
 ) -> dict:
     """Run a method's solver stages in order (data-free ones through ``Solver.solve``, data ones
     through Lightning) and write the run folder. Each finished stage saves the method state it
@@ -238,7 +258,7 @@ def fit(
     del before_model
     state = run.load_state() or {}
     done = run.stages_done()
-    merged, module, modules, steps_done, targets = None, None, [], 0, None
+    merged, module, modules, steps_done, data = None, None, [], 0, None
     for i, (solver, (_, _, steps)) in enumerate(zip(stages, plan)):
         last = i == len(stages) - 1
         if i < done:
@@ -250,11 +270,13 @@ def fit(
             continue
         merged = m.build(model, tv, cfg, seed=seed, state=state or None, stage=i)
         if steps > 0:
-            if targets is None and needs_targets(cfg.objective):
-                from adamerge.expert_targets import expert_logits
-
-                targets = expert_logits(model, tv, heads, streams, cache_dir or run.path / "cache", eval_batch_size, say)
-            module = MergeModule(merged, heads, cfg, solver, targets, regularizer=m.regularizer(cfg))
+            if data is None:
+                data = m.training_data(cfg, model, tv, heads, streams, labeled, cache_dir or run.path / "cache", say, seed, state)
+                if data.state:
+                    state = {**state, **data.state}
+                    run.save_state(state, {"stages_done": i, "solver": solver.name})
+            module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
+                                 augment=data.augment, seed=seed)
             ckpt_dir = run.stage_checkpoints(i)
             resuming = resume and (ckpt_dir / "last.ckpt").exists()
             trainer = _trainer(run, ckpt_dir, steps, progress, trainer_options, checkpoint_every)
@@ -268,7 +290,7 @@ def fit(
                 warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
                 trainer.fit(
                     module,
-                    datamodule=StepDataModule(streams, cfg.batch_size, steps, seed, solver.batches_per_step),
+                    datamodule=StepDataModule(data.streams, cfg.batch_size, steps, seed, solver.batches_per_step, data.pools, data.mix),
                     ckpt_path=str(ckpt_dir / "last.ckpt") if resuming else None,
                 )
             if not trainer.is_global_zero:
@@ -292,7 +314,7 @@ def fit(
         "method": method,
         "options": dataclasses.asdict(cfg),
         "solvers": [s.summary() for s in stages],
-        "uses_labels": m.uses_labels,
+        "uses_labels": m.uses_labels_with(cfg),
         "seconds": seconds,
         "steps": steps_done,
         "stopped_early": next((mod.stop_reason for mod in modules if mod.stop_reason), None),

@@ -24,6 +24,7 @@ CASES: dict[str, dict] = {
     "doge": {"steps": 15},
     "doge_adamerging": {"steps": 6, "prepare_args": {"steps_per_layer": 10}},
     "concrete_ta": {"steps": 6},
+    "atlas": {"steps": 6, "granularity": "partition:2:atlas"},
     "concrete_adamerging": {"steps": 4, "method_args": {"adamerging_steps": 4}},
 }
 

@@ -122,6 +122,20 @@ class MethodConfig:
         return cls(**values)
 
 
+@dataclass
+class TrainingData:
+    """What a data stage trains on: streams (the scored ones, or a labeled few-shot split),
+    per-sample targets, optional pools with their batch shares, augmentation, and state to save
+    with the run (e.g. aTLAS's trusted set)."""
+
+    streams: list
+    targets: dict | None = None
+    pools: dict | None = None
+    mix: list | None = None
+    augment: bool = False
+    state: dict = field(default_factory=dict)
+
+
 class Method:
     """Default learned method: coefficients trained by ``options.solver`` on an objective."""
 
@@ -144,6 +158,33 @@ class Method:
         """The solver stages of a fit, in order: (solver name, its options, its steps)."""
         stages = [(self.prepare_solver, cfg.prepare_args, 0)] if self.prepare_solver else []
         return stages + [(cfg.solver, cfg.solver_args, cfg.steps)]
+
+    def uses_labels_with(self, cfg: MethodConfig) -> bool:
+        """Whether a fit with ``cfg`` reads labels (from a labeled split, never the scored streams)."""
+        from adamerge.objectives import target_kind
+
+        return self.uses_labels or target_kind(cfg.objective) == "labels"
+
+    def training_data(self, cfg: MethodConfig, model: nn.Module, tv: TaskVectors, heads: dict, streams: list,
+                      labeled: list | None, cache_dir, say, seed: int, state: dict) -> TrainingData:
+        """The data of a training stage. Default: the scored streams, unlabeled, with the experts'
+        predictions when the objective needs them, or a labeled split for a labeled objective."""
+        from adamerge.objectives import target_kind
+
+        kind = target_kind(cfg.objective)
+        if kind == "experts":
+            from adamerge.expert_targets import expert_logits
+
+            return TrainingData(streams, expert_logits(model, tv, heads, streams, cache_dir, say=say))
+        if kind == "labels":
+            if not labeled:
+                raise InputError(f"objective '{cfg.objective}' needs labels: give a labeled split (config 'labeled:'); the scored streams are never trained on with labels")
+            labels = {s.name: s.labels() for s in labeled}
+            missing = [n for n, y in labels.items() if y is None]
+            if missing:
+                raise InputError(f"the labeled split of task '{missing[0]}' has no labels")
+            return TrainingData(list(labeled), labels)
+        return TrainingData(streams)
 
     def stage_state(self, merged: MergedModel, cfg: MethodConfig, stage: int, last: bool) -> dict:
         """Method state to save after data stage ``stage`` (e.g. a frozen mask); none by default."""

@@ -1,0 +1,151 @@
+"""aTLAS (Zhang et al., NeurIPS 2024): anisotropic scaling of task vectors.
+
+Coefficients per tensor (``layer``, aTLAS's "blockwise") or per random element group
+(``partition:R:atlas``: every element of a 2+-D weight draws a seeded group, 1-D tensors are
+whole), init 0 (the pretrained model), unclamped, an optional Lp penalty; AdamW, weight decay 0.1,
+gradient clipping 1.0. Two ways to learn them (``method_args.mode``):
+
+- ``test_time`` (no labels): a trusted set is chosen once, before training, from the pretrained
+  model's predictions on each unlabeled stream (per predicted class the k most confident samples,
+  k = min(N/C · 0.1, 100)); every batch mixes 3/4 untrusted and 1/4 trusted samples; the loss is
+  the cross-entropy of a strong view (random resized crop 0.5–1 + flip) against the weak view's
+  prediction where the weak view is at least 0.99 confident (objective ``weak_strong``). The set is
+  saved with the run (``trusted.<task>``) and never changes, also across a resume. (The public code
+  marks every sample as trusted; this does not.)
+- ``few_shot`` (labels): k labeled samples per class (``shots``), drawn once (seeded, saved as
+  ``fewshot.<task>``) from a labeled split the user names (config ``labeled:``), never from the
+  scored stream; cross-entropy on augmented views. ``uses_labels`` is true in results.json.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adamerge.data import stream_from_tensors
+from adamerge.errors import InputError
+from adamerge.methods.base import Method, MethodConfig, TrainingData, register_method
+from adamerge.solvers.base import parse_options
+
+MODES = ("test_time", "few_shot")
+
+
+@dataclass
+class AtlasOptions:
+    mode: str = "test_time"
+    shots: int = 5  # few_shot: labeled samples per class
+    p: float = 1.0  # the Lp penalty's p
+    penalty: float = 0.0  # its weight (0: none)
+    trusted_fraction: float = 0.1  # test_time: k = min(N/C · fraction, trusted_max) per class
+    trusted_max: int = 100
+    trusted_share: float = 0.25  # test_time: the trusted share of every batch
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise InputError(f"atlas: mode must be one of {MODES}, got {self.mode!r}")
+        if not (isinstance(self.shots, int) and self.shots >= 1):
+            raise InputError(f"atlas: shots must be an integer >= 1, got {self.shots!r}")
+        if not (isinstance(self.p, (int, float)) and self.p >= 1):
+            raise InputError(f"atlas: p must be >= 1, got {self.p!r}")
+        if not (isinstance(self.penalty, (int, float)) and self.penalty >= 0):
+            raise InputError(f"atlas: penalty must be >= 0, got {self.penalty!r}")
+        if not (0 < self.trusted_fraction <= 1 and 0 <= self.trusted_share < 1 and self.trusted_max >= 1):
+            raise InputError("atlas: trusted_fraction in (0, 1], trusted_share in [0, 1), trusted_max >= 1")
+
+
+def trusted_indices(logits: torch.Tensor, fraction: float = 0.1, cap: int = 100) -> torch.Tensor:
+    """Per predicted class, the k most confident samples, k = min(floor(N/C · fraction), cap) (at
+    least 1 while the class has predictions); sorted stream positions."""
+    n, c = logits.shape
+    k = max(1, min(int(n / c * fraction), cap))
+    prob = torch.softmax(logits.float(), -1)
+    conf, pred = prob.max(-1)
+    chosen = []
+    for cls in range(c):
+        idx = torch.nonzero(pred == cls).flatten()
+        if len(idx):
+            order = torch.argsort(conf[idx], descending=True, stable=True)
+            chosen.append(idx[order[:k]])
+    return torch.sort(torch.cat(chosen)).values if chosen else torch.zeros(0, dtype=torch.long)
+
+
+def few_shot_indices(labels: torch.Tensor, shots: int, seed: int, task: str) -> torch.Tensor:
+    """``shots`` positions per class (all of a class with fewer), seeded per task."""
+    from adamerge.data import _seed_for
+
+    gen = torch.Generator().manual_seed(_seed_for(seed, task, "few-shot"))
+    out = []
+    for cls in torch.unique(labels):
+        idx = torch.nonzero(labels == cls).flatten()
+        out.append(idx[torch.randperm(len(idx), generator=gen)[:shots]])
+    return torch.sort(torch.cat(out)).values
+
+
+@register_method("atlas")
+class ATLAS(Method):
+    defaults = {"granularity": "layer", "init": 0.0, "constraint": "none", "optimizer": "adamw", "lr": 1e-3,
+                "weight_decay": 0.1, "grad_clip": 1.0, "objective": "weak_strong"}
+    description = "aTLAS: anisotropic task-vector scaling, test-time (trusted pseudo-labels) or few-shot"
+
+    def options(self, cfg: MethodConfig) -> AtlasOptions:
+        return parse_options(AtlasOptions, cfg.method_args, "method 'atlas' (method_args)")
+
+    def config(self, overrides: dict | None = None) -> MethodConfig:
+        overrides = dict(overrides or {})
+        if (overrides.get("method_args") or {}).get("mode") == "few_shot" and "objective" not in overrides:
+            overrides |= {"objective": "cross_entropy", "objective_args": {}}
+        cfg = super().config(overrides)
+        self.options(cfg)
+        return cfg
+
+    def regularizer(self, cfg: MethodConfig):
+        a = self.options(cfg)
+        if a.penalty == 0:
+            return None
+        return lambda merged: a.penalty * merged.applied_coefficients().abs().pow(a.p).sum()
+
+    def training_data(self, cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state) -> TrainingData:
+        a = self.options(cfg)
+        if a.mode == "few_shot":
+            if not labeled:
+                raise InputError("atlas few_shot needs a labeled split (config 'labeled:'), never the scored stream")
+            subsets, labels, saved = [], {}, {}
+            for s in labeled:
+                y = s.labels()
+                if y is None:
+                    raise InputError(f"atlas few_shot: the labeled split of task '{s.name}' has no labels")
+                key = f"fewshot.{s.name}"
+                idx = state[key] if key in state else few_shot_indices(y, a.shots, seed, s.name)
+                subsets.append(stream_from_tensors(s.name, s.inputs(idx), y[idx], source=f"{a.shots}-shot of {s.source}"))
+                labels[s.name], saved[key] = y[idx], idx
+            return TrainingData(subsets, labels, augment=True, state=saved)
+        # test time: the trusted set, once, from the pretrained model's predictions
+        pools, saved = {}, {}
+        need = [s for s in streams if f"trusted.{s.name}" not in state]
+        logits = {}
+        if need:
+            from adamerge.expert_targets import expert_logits
+
+            logits = expert_logits(model, tv, heads, need, cache_dir, say=say, pretrained=True)
+        for s in streams:
+            key = f"trusted.{s.name}"
+            trusted = state[key] if key in state else trusted_indices(logits[s.name], a.trusted_fraction, a.trusted_max)
+            mask = torch.ones(len(s), dtype=torch.bool)
+            mask[trusted] = False
+            untrusted = torch.nonzero(mask).flatten()
+            if len(untrusted) == 0:
+                untrusted = trusted
+            pools[s.name] = [untrusted, trusted]
+            saved[key] = trusted
+        share = a.trusted_share
+        return TrainingData(list(streams), pools=pools, mix=[1 - share, share], state=saved)
+
+    def results(self, merged, cfg: MethodConfig) -> dict:
+        a = self.options(cfg)
+        return {"atlas": {"mode": a.mode, "shots": a.shots if a.mode == "few_shot" else None,
+                          "coefficient_norm": float(merged.applied_coefficients().detach().norm()),
+                          "p": a.p if a.penalty else None, "penalty": a.penalty or None}}
+
+    def uses_labels_with(self, cfg: MethodConfig) -> bool:
+        return self.options(cfg).mode == "few_shot" or super().uses_labels_with(cfg)
+
