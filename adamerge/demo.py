@@ -71,6 +71,13 @@ LEARNED |= {
     "concrete_adamerging(layer,infomax,floor=0.9)": (
         "concrete_adamerging", {"lr": 1e-2, "objective": "infomax", "objective_args": {"floor": 0.9}}),
 }
+# aTLAS (issue 10): test time (unlabeled, trusted pseudo-labels) and few-shot (k labeled images
+# per class from each task's TRAINING split, never the scored test split): uses labels
+LEARNED |= {
+    "atlas(test_time)": ("atlas", {"lr": 1e-2}),
+    "atlas(few_shot,k=5)": ("atlas", {"lr": 1e-2, "method_args": {"mode": "few_shot", "shots": 5}}),
+    "atlas(few_shot,k=25)": ("atlas", {"lr": 1e-2, "method_args": {"mode": "few_shot", "shots": 25}}),
+}
 # expert-guided (issue 16): the experts' own predictions on the unlabeled streams as targets
 LEARNED |= {
     "adamerging(layer,expert_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "expert_distill"}),
@@ -125,6 +132,8 @@ def run_demo(
                     n_train=setting.n_train, n_test=setting.n_test, progress=progress)
     heads = {t: LinearHead.from_state_dict(zoo.heads[t], source=f"zoo head '{t}'") for t in tasks}
     streams = [stream_from_tensors(t, zoo.tasks[t].x_test, zoo.tasks[t].y_test, zoo.tasks[t].classes, "demo zoo") for t in tasks]
+    # the training splits: a labeled split for few-shot rows only (the learned rows never see it)
+    labeled = [stream_from_tensors(t, zoo.tasks[t].x_train, zoo.tasks[t].y_train, zoo.tasks[t].classes, "demo zoo train split") for t in tasks]
     tv = TaskVectors.from_state_dicts(zoo.base, {t: zoo.experts[t] for t in tasks})
     arch = create_backbone(pretrained=False)
     results: dict = {"tasks": tasks, "methods": {}, "recommended": RECOMMENDED,
@@ -173,8 +182,8 @@ def run_demo(
         shutil.rmtree(run_dir, ignore_errors=True)
         say(f"[demo] fitting {name} ({options['steps']} steps{' per layer' if method == 'doge' else ''})")
         res = fit(run_dir, arch, tv, heads, streams, method, options, seed=seed,
-                  progress=progress, checkpoint_every=max(options["steps"], 1))
-        record(name, "data_free" if method == "doge" else "learned", False, res["after"], res["seconds"])
+                  progress=progress, checkpoint_every=max(options["steps"], 1), labeled=labeled)
+        record(name, "data_free" if method == "doge" else "learned", res["uses_labels"], res["after"], res["seconds"])
 
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", results_table(results))

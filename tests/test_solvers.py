@@ -143,7 +143,7 @@ DATA_CASES = [
 
 
 def test_matrix_covers_every_data_solver():
-    assert {s for s, _, _ in DATA_CASES} == set(list_solvers(needs_data=True)) >= {"gradient", "pgd", "frank_wolfe"}
+    assert {s for s, _, _ in DATA_CASES} == set(list_solvers(needs_data=True)) >= {"gradient", "pgd", "frank_wolfe", "bilevel"}
     assert set(list_solvers(needs_data=False)) >= {"doge"}
 
 
@@ -154,8 +154,10 @@ def _coefficients(run):
 @pytest.mark.parametrize("solver,constraint,granularity", DATA_CASES, ids=["-".join(c) for c in DATA_CASES])
 def test_solver_matrix(tiny_zoo_dir, tmp_path, monkeypatch, solver, constraint, granularity):
     steps, every = 24, 5
+    needs_masks = solver_class(solver).needs_masks
     changes = {
-        "method": "adamerging",
+        "method": "concrete_adamerging" if needs_masks else "adamerging",
+        "options.method_args": {"adamerging_steps": 0} if needs_masks else {},
         "options.steps": steps,
         "options.granularity": granularity,
         "options.solver": solver,
@@ -179,7 +181,7 @@ def test_solver_matrix(tiny_zoo_dir, tmp_path, monkeypatch, solver, constraint, 
     assert is_feasible(coef, constraint, BOUNDS, total, atol=1e-5)
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["steps"] == steps
-    assert results["solvers"][-1]["name"] == solver and results["solvers"][-1]["constraint"] == constraint
+    assert results["solvers"][0]["name"] == solver and results["solvers"][0]["constraint"] == constraint
     if solver == "frank_wolfe":
         assert "fw_gap" in rows[0] and results["solvers"][-1]["final_gap"] is not None
 

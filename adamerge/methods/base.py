@@ -143,6 +143,7 @@ class Method:
     defaults: dict = {}
     prepare_solver: str | None = None  # a data-free solver run first; its state feeds build()
     uses_labels = False
+    has_masks = False  # learnable masks (solvers with needs_masks need them)
     description = ""
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
@@ -152,7 +153,17 @@ class Method:
             if key.endswith("_args") and isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}
             values[key] = value
-        return MethodConfig.from_dict(values)
+        cfg = MethodConfig.from_dict(values)
+        self.check(cfg)
+        return cfg
+
+    def check(self, cfg: MethodConfig) -> None:
+        """Refuse solver choices this method cannot use (before anything is written)."""
+        from adamerge.solvers import solver_class
+
+        for name, _, _ in self.solvers(cfg):
+            if solver_class(name).needs_masks and not self.has_masks:
+                raise InputError(f"solver '{name}' trains learnable masks; method '{self.name}' has none (use concrete_adamerging)")
 
     def solvers(self, cfg: MethodConfig) -> list[tuple[str, dict, int]]:
         """The solver stages of a fit, in order: (solver name, its options, its steps)."""

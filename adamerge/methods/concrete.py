@@ -54,7 +54,7 @@ class MaskOptions:
 
 
 class _Concrete(Method):
-    freeze_coefficients_in_stage: tuple[int, ...] = ()
+    has_masks = True
 
     def options(self, cfg: MethodConfig) -> MaskOptions:
         return parse_options(MaskOptions, cfg.method_args, f"method '{self.name}' (method_args)")

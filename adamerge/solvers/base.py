@@ -52,6 +52,7 @@ class Solver:
     needs_data = True
     constraints: tuple[str, ...] = ("none", "box", "simplex")
     batches_per_step = 1  # batches a data step consumes (a bi-level step: 2)
+    needs_masks = False  # trains learnable masks (only methods with masks can use it)
     description = ""
 
     def __init__(self, cfg, args: dict | None = None) -> None:

@@ -32,6 +32,7 @@ class BilevelOptions:
 class BilevelSolver(Solver):
     Options = BilevelOptions
     batches_per_step = 2
+    needs_masks = True
     constraints = ("none", "box")
     description = "inner Adam step on the coefficients (mask fixed), outer step on the mask logits (fresh batch)"
 
