@@ -35,9 +35,9 @@ def _overrides(extra: list[str]) -> list[tuple[str, object]]:
 
 
 def cmd_fit(args, extra) -> int:
-    from adamerge.config import build_all, dump_config, load_config
+    from adamerge.config import build_all, load_config
     from adamerge.errors import InputError
-    from adamerge.io.files import atomic_write_text
+    from adamerge.runs import RunFolder
     from adamerge.training import fit
 
     overrides = _overrides(extra)
@@ -48,18 +48,17 @@ def cmd_fit(args, extra) -> int:
             overrides.append((key, value))
     cfg = load_config(args.config, overrides)
     run_dir = Path(cfg["run_dir"])
-    saved = run_dir / "config.yaml"
+    run = RunFolder(run_dir)
     if args.resume:
-        if not saved.exists():
-            raise InputError(f"cannot resume: {saved} does not exist")
-        import yaml
-
-        cfg = yaml.safe_load(saved.read_text())
+        if not run.config_path.exists():
+            raise InputError(f"cannot resume: {run.config_path} does not exist")
+        cfg = run.read_config()  # the run continues with the config it started with
+    elif run.checkpoints.exists() or run.state_path.exists() or run.results_path.exists():
+        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     _check_method(cfg)
     parts = build_all(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not args.resume and not (run_dir / "checkpoints" / "last.ckpt").exists():
-        atomic_write_text(saved, dump_config(cfg))
+    if not args.resume:
+        run.write_config(cfg)
     results = fit(
         run_dir, parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
         seed=cfg["seed"], resume=args.resume, progress=not args.no_progress, trainer_options=cfg["trainer"],

@@ -18,6 +18,7 @@ from adamerge.data import LinearHead, stream_from_tensors
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
 from adamerge.methods import build_data_free
+from adamerge.runs import RunFolder
 from adamerge.task_vectors import TaskVectors
 from adamerge.training import evaluate, fit
 
@@ -179,10 +180,19 @@ def run_demo(
         if quick and method == "doge":
             options["steps"] = 100
         run_dir = runs / _slug(name)
-        shutil.rmtree(run_dir, ignore_errors=True)
-        say(f"[demo] fitting {name} ({options['steps']} steps{' per layer' if method == 'doge' else ''})")
-        res = fit(run_dir, arch, tv, heads, streams, method, options, seed=seed,
-                  progress=progress, checkpoint_every=max(options["steps"], 1), labeled=labeled)
+        # a row whose finished run was made from the same zoo and options is reused, so an
+        # interrupted demo continues where it stopped
+        spec = json.loads(json.dumps({"zoo": str(zoo.path), "method": method, "options": options, "seed": seed}))
+        marker = run_dir / "demo_row.json"
+        if marker.is_file() and json.loads(marker.read_text()) == spec and RunFolder(run_dir).is_finished():
+            res = RunFolder(run_dir).read_results()
+            say(f"[demo] reusing the finished run of {name}")
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            say(f"[demo] fitting {name} ({options['steps']} steps{' per layer' if method == 'doge' else ''})")
+            res = fit(run_dir, arch, tv, heads, streams, method, options, seed=seed,
+                      progress=progress, checkpoint_every=max(options["steps"], 1), labeled=labeled)
+            atomic_write_json(marker, spec)
         record(name, "data_free" if method == "doge" else "learned", res["uses_labels"], res["after"], res["seconds"])
 
     atomic_write_json(out / "results.json", results)

@@ -25,7 +25,7 @@ from adamerge.task_vectors import TaskVectors
 def _tensor_digest(h, t: Tensor) -> None:
     t = t.detach().cpu().contiguous()
     h.update(str((tuple(t.shape), str(t.dtype))).encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")  # 0-dim too
 
 
 def _source_digest(h, tv: TaskVectors, name: str, fallback: Mapping[str, Tensor]) -> None:

@@ -261,7 +261,8 @@ def fit(
     merged, module, modules, steps_done, data = None, None, [], 0, None
     for i, (solver, (_, _, steps)) in enumerate(zip(stages, plan)):
         last = i == len(stages) - 1
-        if i < done:
+        if i < done:  # finished before an interruption
+            steps_done += steps if solver.needs_data else 0
             continue
         if not solver.needs_data:
             problem = DataFreeProblem(model, m.prepare(tv, cfg, model, state or None), cfg, run, say, seed)

@@ -108,3 +108,17 @@ def test_a_short_fit_lowers_the_divergence_and_raises_accuracy(tiny_zoo_dir, tmp
     a = load_file(str(run / "coefficients.safetensors"))["coefficients"]
     b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]
     assert torch.equal(a, b)
+
+
+def test_cache_key_handles_batchnorm_scalars(make_zoo):
+    """A BatchNorm model holds 0-dim buffers (num_batches_tracked): the digest must read them."""
+    from adamerge.data import LinearHead, stream_from_tensors
+    from adamerge.task_vectors import TaskVectors
+
+    model, base, experts = make_zoo("cnn", 2)
+    tv = TaskVectors.from_state_dicts(base, experts)
+    assert any(v.dim() == 0 for v in base.values())
+    head = LinearHead(torch.randn(3, 8))
+    stream = stream_from_tensors("t0", torch.randn(4, 3, 32, 32))
+    a = expert_targets.cache_key(tv, "t0", head, stream)
+    assert a == expert_targets.cache_key(tv, "t0", head, stream) != expert_targets.cache_key(tv, None, head, stream)
