@@ -19,6 +19,7 @@ from typing import Callable
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -102,7 +103,14 @@ class MergeModule(L.LightningModule):
                 out[n] = self.objective(logits, targets=target) if kind == "experts" else self.objective(logits, target)
             elif kind == "views":
                 with torch.no_grad():
-                    weak_logits = self.heads[n](weak[k])
+                    weak_logits = self.heads[n](weak[k]).float()
+                    fixed = getattr(self, f"_target{self.merged.task_names.index(n)}")
+                    if fixed is not None and index is not None:
+                        # trusted samples: their fixed pseudo-label (>= 0) replaces the weak view's
+                        lab = fixed[index[n].to(f.device)]
+                        sure = lab >= 0
+                        if bool(sure.any()):
+                            weak_logits[sure] = 100.0 * F.one_hot(lab[sure], weak_logits.shape[-1]).float()
                 out[n] = self.objective(logits, targets=weak_logits)
             else:
                 out[n] = self.objective(logits)

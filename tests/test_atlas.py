@@ -52,7 +52,7 @@ def test_test_time_atlas_trusted_set_is_fixed_and_resume_is_exact(tiny_zoo_dir, 
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert len(rows) == 16 and all(r["loss"] >= 0 for r in rows)
     state = load_file(str(run / "method_state.safetensors"))
-    assert sorted(state) == [f"trusted.{t}" for t in TASKS]
+    assert sorted(state) == sorted([f"trusted.{t}" for t in TASKS] + [f"trusted_label.{t}" for t in TASKS])
     # the trusted set is what the pretrained model's confidence says
     from adamerge.config import build_all, load_config
     from adamerge.expert_targets import expert_logits
@@ -61,6 +61,8 @@ def test_test_time_atlas_trusted_set_is_fixed_and_resume_is_exact(tiny_zoo_dir, 
     logits = expert_logits(parts["model"], parts["tv"], parts["heads"], parts["streams"], tmp_path / "c", pretrained=True)
     for t in TASKS:
         assert torch.equal(state[f"trusted.{t}"], trusted_indices(logits[t]))
+        # a trusted sample keeps the pretrained model's prediction as its fixed pseudo-label
+        assert torch.equal(state[f"trusted_label.{t}"], logits[t][state[f"trusted.{t}"]].argmax(-1))
     cut = write_config(tmp_path / "cut", tiny_zoo_dir, method="atlas", options=options, checkpoint_every=5)
     crash_then_resume(cut, 11, monkeypatch)
     cut_run = tmp_path / "cut" / "run"

@@ -19,7 +19,23 @@ def demo_out(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo") / "out"
     cache = tmp_path_factory.mktemp("cache")
     assert main(["demo", "--quick", "--out", str(out), "--cache-dir", str(cache), "--no-progress"]) == 0
+    (out / "cache_dir.txt").write_text(str(cache))
     return out
+
+
+def test_a_second_demo_reuses_finished_rows(demo_out, capsys):
+    """An interrupted or repeated demo continues: finished rows (same zoo, same options) are
+    reused, not refitted, and give the same table."""
+    before = json.loads((demo_out / "results.json").read_text())
+    cache = (demo_out / "cache_dir.txt").read_text()
+    rows = "adamerging(task);doge"
+    assert main(["demo", "--quick", "--out", str(demo_out), "--cache-dir", cache, "--rows", rows]) == 0
+    err = capsys.readouterr().err
+    assert "reusing the finished run of adamerging(task)" in err and "reusing the finished run of doge" in err
+    again = json.loads((demo_out / "results.json").read_text())
+    for name in rows.split(";"):
+        assert again["methods"][name]["per_task"] == before["methods"][name]["per_task"]
+    (demo_out / "results.json").write_text(json.dumps(before))  # the other tests read the full table
 
 
 def test_demo_writes_results_plots_and_export(demo_out):

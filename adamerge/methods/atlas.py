@@ -7,11 +7,13 @@ gradient clipping 1.0. Two ways to learn them (``method_args.mode``):
 
 - ``test_time`` (no labels): a trusted set is chosen once, before training, from the pretrained
   model's predictions on each unlabeled stream (per predicted class the k most confident samples,
-  k = min(N/C · 0.1, 100)); every batch mixes 3/4 untrusted and 1/4 trusted samples; the loss is
-  the cross-entropy of a strong view (random resized crop 0.5–1 + flip) against the weak view's
-  prediction where the weak view is at least 0.99 confident (objective ``weak_strong``). The set is
-  saved with the run (``trusted.<task>``) and never changes, also across a resume. (The public code
-  marks every sample as trusted; this does not.)
+  k = min(N/C · 0.1, 100)), with the pretrained model's predicted class as its fixed pseudo-label;
+  every batch mixes 3/4 untrusted and 1/4 trusted samples; the loss is the cross-entropy of a
+  strong view (random resized crop 0.5–1 + flip) against the pseudo-label: the fixed one for a
+  trusted sample, the weak view's prediction for an untrusted one where the weak view is at least
+  0.99 confident (objective ``weak_strong``). The set and its labels are saved with the run
+  (``trusted.<task>``, ``trusted_label.<task>``) and never change, also across a resume. (The
+  public code marks every sample as trusted; this does not.)
 - ``few_shot`` (labels): k labeled samples per class (``shots``), drawn once (seeded, saved as
   ``fewshot.<task>``) from a labeled split the user names (config ``labeled:``), never from the
   scored stream; cross-entropy on augmented views. ``uses_labels`` is true in results.json.
@@ -127,9 +129,15 @@ class ATLAS(Method):
             from adamerge.expert_targets import expert_logits
 
             logits = expert_logits(model, tv, heads, need, cache_dir, say=say, pretrained=True)
+        labels = {}
         for s in streams:
             key = f"trusted.{s.name}"
             trusted = state[key] if key in state else trusted_indices(logits[s.name], a.trusted_fraction, a.trusted_max)
+            lab_key = f"trusted_label.{s.name}"
+            lab = state[lab_key] if lab_key in state else logits[s.name][trusted].argmax(-1)
+            fixed = torch.full((len(s),), -1, dtype=torch.long)
+            fixed[trusted] = lab
+            labels[s.name], saved[lab_key] = fixed, lab
             mask = torch.ones(len(s), dtype=torch.bool)
             mask[trusted] = False
             untrusted = torch.nonzero(mask).flatten()
@@ -138,7 +146,7 @@ class ATLAS(Method):
             pools[s.name] = [untrusted, trusted]
             saved[key] = trusted
         share = a.trusted_share
-        return TrainingData(list(streams), pools=pools, mix=[1 - share, share], state=saved)
+        return TrainingData(list(streams), labels, pools=pools, mix=[1 - share, share], state=saved)
 
     def results(self, merged, cfg: MethodConfig) -> dict:
         a = self.options(cfg)
