@@ -267,3 +267,20 @@ def test_methods_and_solvers_do_not_import_the_training_loop():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_cosine_schedule_sets_every_step_rate_and_resumes_exactly(tiny_zoo_dir, tmp_path, monkeypatch):
+    import math
+
+    options = {"options.steps": 12, "options.lr": 0.05, "options.solver_args": {"schedule": "cosine"}, "checkpoint_every": 4}
+    full = write_config(tmp_path / "full", tiny_zoo_dir, **options)
+    assert main(["fit", "--config", str(full), "--no-progress"]) == 0
+    rates = [r["lr"] for r in read_metrics(tmp_path / "full" / "run") if "lr" in r]
+    assert rates == pytest.approx([0.05 * 0.5 * (1 + math.cos(math.pi * t / 12)) for t in range(12)])
+    cut = write_config(tmp_path / "cut", tiny_zoo_dir, **options)
+    crash_then_resume(cut, 7, monkeypatch)
+    assert torch.equal(_coefficients(tmp_path / "full" / "run"), _coefficients(tmp_path / "cut" / "run"))
+    from adamerge.methods import create_method
+
+    few = create_method("atlas").config({"method_args": {"mode": "few_shot"}})
+    assert few.objective == "cross_entropy" and few.lr == 0.1 and few.solver_args == {"schedule": "cosine"}

@@ -16,7 +16,8 @@ gradient clipping 1.0. Two ways to learn them (``method_args.mode``):
   public code marks every sample as trusted; this does not.)
 - ``few_shot`` (labels): k labeled samples per class (``shots``), drawn once (seeded, saved as
   ``fewshot.<task>``) from a labeled split the user names (config ``labeled:``), never from the
-  scored stream; cross-entropy on augmented views. ``uses_labels`` is true in results.json.
+  scored stream; cross-entropy on augmented views, lr 0.1 with cosine annealing (the paper's
+  recipe; each is overridable). ``uses_labels`` is true in results.json.
 """
 from __future__ import annotations
 
@@ -94,8 +95,10 @@ class ATLAS(Method):
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
         overrides = dict(overrides or {})
-        if (overrides.get("method_args") or {}).get("mode") == "few_shot" and "objective" not in overrides:
-            overrides |= {"objective": "cross_entropy", "objective_args": {}}
+        if (overrides.get("method_args") or {}).get("mode") == "few_shot":
+            # the paper's few-shot recipe: labeled cross-entropy, lr 0.1 with a cosine schedule
+            for key, value in (("objective", "cross_entropy"), ("lr", 0.1), ("solver_args", {"schedule": "cosine"})):
+                overrides.setdefault(key, value)
         cfg = super().config(overrides)
         self.options(cfg)
         return cfg

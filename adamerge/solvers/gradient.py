@@ -5,10 +5,34 @@ gradient is zero outside the box), ``simplex`` makes each group's T coefficients
 ``total · softmax``, ``none`` leaves them free."""
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from torch import Tensor
 
+from adamerge.errors import InputError
 from adamerge.solvers.base import Solver, register_solver
 from adamerge.solvers.optimizers import create_optimizer
+
+SCHEDULES = ("constant", "cosine")
+
+
+def scheduled_lr(lr: float, step: int, total: int, schedule: str) -> float:
+    """The learning rate of step ``step`` (0-based) of ``total``: constant, or cosine annealing
+    ``lr · (1 + cos(π · step / total)) / 2`` (aTLAS's few-shot schedule). A pure function of the
+    step, so a resumed run uses the same rates."""
+    if schedule == "cosine" and total > 0:
+        return lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
+    return lr
+
+
+@dataclass
+class GradientOptions:
+    schedule: str = "constant"  # or "cosine"
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"gradient: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 def backward_and_step(module, batch, solver: Solver, clip: float | None) -> tuple[Tensor, object]:
@@ -26,6 +50,7 @@ def backward_and_step(module, batch, solver: Solver, clip: float | None) -> tupl
 
 @register_solver("gradient")
 class GradientSolver(Solver):
+    Options = GradientOptions
     description = "Adam/AdamW/SGD on the raw coefficients; box = clamp in the forward, simplex = softmax"
 
     def parametrisation(self) -> dict:
@@ -41,5 +66,10 @@ class GradientSolver(Solver):
 
     def training_step(self, module, batch) -> Tensor:
         loss, opt = backward_and_step(module, batch, self, self.cfg.grad_clip)
+        if self.args.schedule != "constant":
+            lr = scheduled_lr(self.cfg.lr, module.global_step, module.trainer.max_steps, self.args.schedule)
+            for group in opt.optimizer.param_groups:
+                group["lr"] = lr
+            module.log_extra({"lr": lr})
         opt.step()
         return loss
