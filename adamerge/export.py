@@ -88,6 +88,9 @@ def write_export(folder: Path, merged: MergedModel, heads: dict, cfg: dict, resu
         "metrics": results.get("after"),
         "metrics_before": results.get("before"),
         "solvers": results.get("solvers"),
+        "uses_labels": results.get("uses_labels"),
+        # method facts: the mask's density and evaluation mode (Concrete), aTLAS's mode
+        **{k: results[k] for k in ("mask", "atlas") if k in results},
     }
     atomic_write_json(folder / "adamerge.json", meta)
     atomic_write_text(folder / "README.md", model_card(meta))

@@ -135,6 +135,8 @@ class MergeModule(L.LightningModule):
         log = {f"loss/{n}": v.detach() for n, v in losses.items()}
         coef = self.merged.applied_coefficients().detach()
         log.update({"coef/mean": coef.mean(), "coef/min": coef.min(), "coef/max": coef.max()})
+        if self.merged.mask_set is not None and self.merged.mask_set.frozen is None:
+            log["mask_density"] = torch.tensor(self.merged.mask_set.density())  # expected kept fraction
         self.log_dict(log, on_step=True, prog_bar=False, batch_size=self._batch_n)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, batch_size=self._batch_n)
 

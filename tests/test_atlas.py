@@ -107,6 +107,8 @@ def test_few_shot_atlas_trains_on_the_labeled_split_only(tiny_zoo_dir, tmp_path,
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["uses_labels"] is True and results["options"]["objective"] == "cross_entropy"
     assert results["after"]["mean"] > results["before"]["mean"]
+    rows = [r for r in read_metrics(tmp_path / "run") if "loss" in r]
+    assert sum(r["loss"] for r in rows[-5:]) < sum(r["loss"] for r in rows[:5])  # the cross-entropy falls
     state = load_file(str(tmp_path / "run" / "method_state.safetensors"))
     for t in TASKS:
         idx = state[f"fewshot.{t}"]

@@ -78,8 +78,12 @@ def test_sparsity_target_lowers_the_density(tiny_zoo_dir, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["mask"]["expected_density"] < 0.4
     assert 0 <= results["mask"]["kept_fraction"] < 0.5
+    densities = [r["mask_density"] for r in read_metrics(tmp_path / "run") if "mask_density" in r]
+    assert len(densities) == 30 and densities[-1] < densities[0]  # logged every step, falling
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
+    meta = json.loads((out / "adamerge.json").read_text())
+    assert meta["mask"]["expected_density"] == results["mask"]["expected_density"] and meta["mask"]["eval_mode"] == "hard"
 
 
 def test_concrete_adamerging_stages_and_what_each_trains(tiny_zoo_dir, tmp_path):

@@ -83,7 +83,7 @@ class BilevelSolver(Solver):
         opt.zero_grad()
         loss, losses = module.batch_loss(outer_batch)
         module.log_step(loss, losses)
-        module.log_extra({"inner_loss": float(inner_loss.detach()), "mask_density": masks.density()})
+        module.log_extra({"inner_loss": float(inner_loss.detach())})
         module.manual_backward(loss)
         if self.cfg.grad_clip:
             module.clip_gradients(opt, gradient_clip_val=self.cfg.grad_clip, gradient_clip_algorithm="norm")
