@@ -34,8 +34,9 @@ def write_config(folder: Path, zoo: Path, **changes) -> Path:
     return path
 
 
-def crash_then_resume(config: Path, cut_at: int, monkeypatch) -> None:
-    """``fit`` that crashes at global step ``cut_at`` (after its last checkpoint), then ``fit --resume``."""
+def crash_then_resume(config: Path, cut_at: int, monkeypatch, solver: str | None = None) -> None:
+    """``fit`` that crashes at global step ``cut_at`` (after its last checkpoint) of the stage run by
+    ``solver`` (any stage when ``None``), then ``fit --resume``."""
     import pytest
 
     from adamerge.cli import main
@@ -44,7 +45,7 @@ def crash_then_resume(config: Path, cut_at: int, monkeypatch) -> None:
     original = MergeModule.training_step
 
     def crash(self, batch, idx):
-        if self.global_step == cut_at:
+        if self.global_step == cut_at and solver in (None, self.solver.name):
             raise RuntimeError("simulated crash")
         return original(self, batch, idx)
 

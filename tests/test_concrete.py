@@ -13,8 +13,7 @@ from adamerge.merged import MergedModel
 from adamerge.methods import create_method
 from adamerge.runs import read_metrics
 from adamerge.task_vectors import TaskVectors
-from adamerge.training import MergeModule
-from helpers import write_config
+from helpers import crash_then_resume, write_config
 
 
 def test_masks_at_low_temperature_are_binary_and_rescaled_to_mean_one():
@@ -111,19 +110,7 @@ def test_concrete_adamerging_resume_in_either_stage(tiny_zoo_dir, tmp_path, monk
     full = write_config(tmp_path / "full", tiny_zoo_dir, method="concrete_adamerging", options=options, checkpoint_every=5)
     assert main(["fit", "--config", str(full), "--no-progress"]) == 0
     cut = write_config(tmp_path / "cut", tiny_zoo_dir, method="concrete_adamerging", options=options, checkpoint_every=5)
-    original = MergeModule.training_step
-    stage_solver = ["bilevel", "gradient"][cut_stage]
-
-    def crash(self, batch, idx):
-        if self.solver.name == stage_solver and self.global_step == cut_at:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, idx)
-
-    monkeypatch.setattr(MergeModule, "training_step", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        main(["fit", "--config", str(cut), "--no-progress"])
-    monkeypatch.setattr(MergeModule, "training_step", original)
-    assert main(["fit", "--config", str(cut), "--resume", "--no-progress"]) == 0
+    crash_then_resume(cut, cut_at, monkeypatch, solver=["bilevel", "gradient"][cut_stage])
     for name in ("coefficients.safetensors", "method_state.safetensors"):
         a = load_file(str(tmp_path / "full" / "run" / name))
         b = load_file(str(tmp_path / "cut" / "run" / name))

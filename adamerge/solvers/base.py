@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import torch
 from torch import Tensor
 
 from adamerge.errors import InputError
@@ -41,6 +42,23 @@ def parse_options(cls: type, values: dict | None, owner: str) -> Any:
         return cls(**values)
     except TypeError as err:
         raise InputError(f"{owner}: {err}") from None
+
+
+def closure_loss(closure):
+    """The loss of an optimiser's optional closure, evaluated with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+@torch.no_grad()
+def start_feasible(merged, cfg) -> None:
+    """Project the starting coefficients onto the constraint set (solvers whose iterates must
+    all be feasible, with nothing clamped in the forward)."""
+    from adamerge.solvers.projections import project
+
+    merged.coefficients.copy_(project(merged.coefficients, cfg.constraint, cfg.bounds, cfg.total))
 
 
 class Solver:

@@ -17,9 +17,9 @@ import torch
 from torch import Tensor
 
 from adamerge.errors import InputError
-from adamerge.solvers.base import Solver, register_solver
+from adamerge.solvers.base import Solver, closure_loss, register_solver, start_feasible
 from adamerge.solvers.gradient import backward_and_step
-from adamerge.solvers.projections import fw_gap, lmo, project
+from adamerge.solvers.projections import fw_gap, lmo
 
 STEPS = ("standard", "line_search")
 
@@ -72,10 +72,7 @@ class FrankWolfe(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state[p]
@@ -139,8 +136,7 @@ class FrankWolfeSolver(Solver):
         self.last_gap: float | None = None
 
     def prepare(self, merged) -> None:
-        with torch.no_grad():
-            merged.coefficients.copy_(project(merged.coefficients, self.cfg.constraint, self.cfg.bounds, self.cfg.total))
+        start_feasible(merged, self.cfg)
 
     def configure_optimizers(self, module):
         return FrankWolfe(module.trainable_parameters(), self.cfg.constraint, self.cfg.bounds, self.cfg.total, self.args.average)

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from adamerge.errors import InputError
-from adamerge.solvers.base import Solver, register_solver
+from adamerge.solvers.base import Solver, closure_loss, register_solver, start_feasible
 from adamerge.solvers.gradient import backward_and_step
 from adamerge.solvers.projections import project
 
@@ -48,17 +48,8 @@ class ProjectedGradient(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def project_(self) -> None:
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.copy_(project(p, group["constraint"], group["bounds"], group["total"]))
-
-    @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -104,8 +95,7 @@ class PGDSolver(Solver):
     description = "gradient (or Adam) step, then the exact Euclidean projection onto the box or the simplex"
 
     def prepare(self, merged) -> None:
-        with torch.no_grad():
-            merged.coefficients.copy_(project(merged.coefficients, self.cfg.constraint, self.cfg.bounds, self.cfg.total))
+        start_feasible(merged, self.cfg)
 
     def configure_optimizers(self, module):
         a = self.args
