@@ -190,8 +190,4 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return RunFolder(run_dir).read_metrics()
 
 
-def load_coefficients(run_dir: str | Path) -> Tensor:
-    return RunFolder(run_dir).load_coefficients()
-
-
-__all__ = ["RunFolder", "read_metrics", "load_coefficients", "FINISHED"]
+__all__ = ["RunFolder", "read_metrics", "FINISHED"]

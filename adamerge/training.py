@@ -262,7 +262,7 @@ def fit(
     _quiet_lightning()
 
     start = time.perf_counter()
-    rank_zero = _is_global_zero(trainer_options)
+    rank_zero = _is_global_zero()
     before_model = m.build(model, tv, cfg, seed=seed)
     before = evaluate(before_model, heads, streams, eval_batch_size) if rank_zero else None
     del before_model
@@ -337,7 +337,7 @@ def fit(
     return results
 
 
-def _is_global_zero(trainer_options: dict | None) -> bool:
+def _is_global_zero() -> bool:
     """Rank zero of a DDP launch (the launcher sets LOCAL_RANK/RANK in the child processes)."""
     import os
 
@@ -369,11 +369,6 @@ def _trainer(run: RunFolder, ckpt_dir: Path, steps: int, progress: bool, trainer
         default_root_dir=str(run.path),
         **opts,
     )
-
-
-def save_coefficients(run_dir: Path, merged: MergedModel) -> None:
-    """``coefficients.safetensors`` and ``groups.json`` (see :class:`adamerge.runs.RunFolder`)."""
-    RunFolder(run_dir).save_coefficients(merged)
 
 
 def reestimate_batches(streams: Sequence[TaskStream], batch_size: int):
