@@ -3,8 +3,8 @@ unlabeled streams from each expert's own predictions.
 
 The merge is the per-entry Fisher-weighted mean of the experts,
 ``θ = Σ_t F_t ⊙ θ_t / Σ_t F_t = θ0 + Σ_t (F_t / Σ_s F_s) ⊙ τ_t`` (scaled by λ, default 1), with
-each F_t floored at ``floor`` (``max(F, floor)``, the form of WiSE-FT's Fisher merge) so entries no
-task's Fisher sees fall back to the plain average.
+each F_t floored at ``floor`` (``max(F, floor)``, as a public WiSE-FT fork's Fisher merge does) so
+entries no task's Fisher sees fall back to the plain average.
 
 F_t is the diagonal Fisher of expert t (θ0 + τ_t, with its own buffers) through task t's head on
 ``samples`` inputs of task t's stream: ``E_x E_{y ~ p(y|x)} [(∂ log p(y|x) / ∂θ)²]`` with y drawn

@@ -16,7 +16,7 @@ from torch import nn
 
 from adamerge.errors import InputError
 from adamerge.merged import MergedModel
-from adamerge.merges import get_merge, list_merges, run_merge
+from adamerge.merges import MergeResult, get_merge, list_merges, run_merge
 from adamerge.task_vectors import TaskVectors
 
 DATA_FREE_METHODS = tuple(list_merges())
@@ -46,6 +46,11 @@ def build_data_free(
             values[key] = value
     keys = [n for n, _ in model.named_parameters()]
     result = run_merge(spec, tv, keys, values, model=model, heads=heads, streams=streams)
+    return merged_model(model, tv, result, buffer_policy)
+
+
+def merged_model(model: nn.Module, tv: TaskVectors, result: MergeResult, buffer_policy: str = "base") -> MergedModel:
+    """The frozen merged model θ0 + Σ_t c_t · w_t ⊙ τ'_t of a merge's result on the parameters."""
     merged_tv = TaskVectors(tv.base, {**tv.vectors, **result.vectors}, tv.task_names, tv.sources)
     mm = MergedModel(model, merged_tv, "layer", init=1.0, clamp=None, buffer_policy=buffer_policy)
     coef = mm.coefficients.detach().clone()
