@@ -1,4 +1,4 @@
-"""``adamerge fit | eval | export | inspect | convert | demo``.
+"""``adamerge fit | eval | export | predict | inspect | convert | demo``.
 
 A user mistake ends with one line ``adamerge: error: ...`` on stderr and exit status 2.
 Configs are YAML; any ``--a.b value`` after the known options overrides ``a.b`` in the config.
@@ -37,6 +37,7 @@ def _overrides(extra: list[str]) -> list[tuple[str, object]]:
 def cmd_fit(args, extra) -> int:
     from adamerge.config import build_all, load_config
     from adamerge.errors import InputError
+    from adamerge.methods import create_method
     from adamerge.runs import RunFolder
     from adamerge.training import fit
 
@@ -57,16 +58,18 @@ def cmd_fit(args, extra) -> int:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     _check_method(cfg)
     parts = build_all(cfg)
+    create_method(cfg["method"]).validate(cfg, parts["model"])
     if not args.resume:
         run.write_config(cfg)
     results = fit(
         run_dir, parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
         seed=cfg["seed"], resume=args.resume, progress=not args.no_progress, trainer_options=cfg["trainer"],
         checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"], cache_dir=cfg.get("cache_dir"),
-        labeled=parts.get("labeled"),
+        labeled=parts.get("labeled"), pool=cfg.get("pool"),
     )
-    if results and "after" in results:
-        _print_table({"before": results["before"], "after": results["after"]}, parts["tasks"])
+    rows = {k: results[k] for k in ("before", "after") if results and results.get(k)}
+    if rows:
+        _print_table(rows, parts["tasks"])
     if results:
         print(f"run written to {run_dir}")
     return 0
@@ -101,18 +104,23 @@ def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:
 def cmd_eval(args, extra) -> int:
     from adamerge.config import build_all, load_config
     from adamerge.errors import InputError
-    from adamerge.export import load_run
     from adamerge.io.files import atomic_write_json
     from adamerge.methods import build_data_free
     from adamerge.training import evaluate
 
     if args.run:
-        merged, parts, _ = load_run(args.run)
-        rows = {f"run:{Path(args.run).name}": evaluate(merged, parts["heads"], parts["streams"])}
+        rows = _eval_run(args.run)
     else:
         if not args.config:
             raise InputError("eval needs --config (with --method) or --run")
-        cfg = load_config(args.config, _overrides(extra))
+        from adamerge.config import set_dotted
+        from adamerge.merges import get_merge
+
+        overrides = _overrides(extra)
+        # --options.KEY VALUE are the merge's options (all must be known to it); the config's
+        # options: section is shared with fit, so only the keys the merge declares are read from it
+        given = [(k[len("options."):], v) for k, v in overrides if k.startswith("options.")]
+        cfg = load_config(args.config, [(k, v) for k, v in overrides if not k.startswith("options.")])
         parts = build_all(cfg)
         model, tv = parts["model"], parts["tv"]
         rows = {}
@@ -122,12 +130,24 @@ def cmd_eval(args, extra) -> int:
 
             model.load_state_dict(merged_state(tv.base, {}))
             rows["pretrained"] = evaluate(model, parts["heads"], parts["streams"])
-        elif method == "weight_average":
-            rows[method] = evaluate(build_data_free(method, model, tv), parts["heads"], parts["streams"])
         else:
-            for lam in args.lam or [0.3]:
-                mm = build_data_free(method, model, tv, lam=lam, density=args.density)
-                rows[f"{method}(lam={lam:g})"] = evaluate(mm, parts["heads"], parts["streams"])
+            spec = get_merge(method)
+            names = spec.option_names()
+            options = {k: v for k, v in (cfg.get("options") or {}).items() if k in names}
+            for key, value in given:
+                set_dotted(options, key, value)
+            if args.density is not None:
+                options["density"] = args.density
+            if args.lam and "lam" not in names:
+                raise InputError(f"merge '{method}' has no λ (--lam); its options: {names}")
+            spec.options(options)  # every option checked before any merge runs
+            for lam in args.lam or [None]:
+                opts = {**options, **({} if lam is None else {"lam": lam})}
+                # the row's name: λ (always, for merges that have one), then the options given
+                shown = ({"lam": spec.options(opts).lam} if "lam" in names else {}) | opts
+                label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
+                mm = build_data_free(method, model, tv, options=opts, heads=parts["heads"], streams=parts["streams"])
+                rows[f"{method}({label})" if label else method] = evaluate(mm, parts["heads"], parts["streams"])
     if any(r is None for r in rows.values()):
         raise InputError("the data streams have no labels, so there is nothing to score")
     tasks = list(next(iter(rows.values()))["per_task"])
@@ -137,11 +157,28 @@ def cmd_eval(args, extra) -> int:
     return 0
 
 
+def _eval_run(run_dir: str) -> dict:
+    """A finished run's scores: recomputed from its coefficients, or (own-loop methods such as T3,
+    whose model depends on each input) the scores the run recorded."""
+    from adamerge.export import load_run
+    from adamerge.methods import create_method
+    from adamerge.runs import RunFolder
+    from adamerge.training import evaluate
+
+    run = RunFolder(run_dir)
+    run.require_finished()
+    if create_method(run.read_config()["method"]).own_loop:
+        return {f"run:{Path(run_dir).name} (recorded)": run.read_results().get("after")}
+    merged, parts, _ = load_run(run_dir)
+    return {f"run:{Path(run_dir).name}": evaluate(merged, parts["heads"], parts["streams"])}
+
+
 def cmd_export(args, extra) -> int:
     from adamerge.export import export_run
 
-    out = export_run(args.run, args.out, force=args.force)
-    print(f"exported merged model to {out}")
+    out, what = export_run(args.run, args.out, force=args.force,
+                           task_masks=args.mask_lambda if args.task_masks else None)
+    print(f"exported {what} to {out}")
     return 0
 
 
@@ -183,6 +220,17 @@ def cmd_convert(args, extra) -> int:
     return 0
 
 
+def cmd_predict(args, extra) -> int:
+    from adamerge.predict import predict
+
+    summary = predict(args.export, args.input, args.task, args.out, batch_size=args.batch_size,
+                      progress=not args.no_progress, trust_code=args.trust_code, force=args.force,
+                      task_masks=not args.no_task_masks)
+    acc = f", accuracy {100 * summary['accuracy']:.1f}%" if "accuracy" in summary else ""
+    print(f"wrote {summary['rows']} predictions ({summary['kind']} export{acc}, {summary['inputs_per_second']:.1f} inputs/s) to {args.out}")
+    return 0
+
+
 def cmd_demo(args, extra) -> int:
     from adamerge.demo import run_demo
 
@@ -210,9 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score a run or a data-free merge per task")
     e.add_argument("--config")
     e.add_argument("--run")
-    e.add_argument("--method", choices=["pretrained", "weight_average", "task_arithmetic", "ties"])
-    e.add_argument("--lam", type=float, nargs="+", help="one or more λ (a grid)")
-    e.add_argument("--density", type=float, default=0.2, help="TIES: fraction of entries kept per task")
+    from adamerge.merges import list_merges
+
+    e.add_argument("--method", choices=["pretrained", *list_merges()],
+                   help="a registered data-free merge (its options: --options.KEY VALUE or the config's options:)")
+    e.add_argument("--lam", type=float, nargs="+", help="one or more λ (a grid), for merges that have one")
+    e.add_argument("--density", type=float, default=None, help="shorthand for --options.density (TIES)")
     e.add_argument("--out", help="write the table as JSON here")
     e.set_defaults(fn=cmd_eval)
 
@@ -220,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("run")
     x.add_argument("out")
     x.add_argument("--force", action="store_true")
+    x.add_argument("--task-masks", action="store_true",
+                   help="also store bit-packed per-task TALL masks (task_masks.safetensors) to rebuild each task's model")
+    x.add_argument("--mask-lambda", type=float, default=0.4, help="λ of the TALL masks |τ_t| > λ·|τ_merged − τ_t|")
     x.set_defaults(fn=cmd_export)
 
     i = sub.add_parser("inspect", help="print the coefficient groups of a granularity")
@@ -233,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dst")
     c.add_argument("--trust-pickle", action="store_true", help="allow unpickling (runs code from the files)")
     c.set_defaults(fn=cmd_convert)
+
+    r = sub.add_parser("predict", help="predict with an export (a merged checkpoint or a T3 package): a CSV row per input")
+    r.add_argument("export", help="an export folder (adamerge export)")
+    r.add_argument("input", help="a tensors file (x, optional y) or an image folder (class sub-folders give labels)")
+    r.add_argument("--task", required=True, help="the task whose head scores the inputs")
+    r.add_argument("--out", default="predictions.csv")
+    r.add_argument("--batch-size", type=int, default=64)
+    r.add_argument("--force", action="store_true", help="replace an existing --out file")
+    r.add_argument("--trust-code", action="store_true", help="allow a 'python' model source named in the export's metadata")
+    r.add_argument("--no-task-masks", action="store_true",
+                   help="serve the one merged checkpoint even when the export holds per-task TALL masks")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(fn=cmd_predict)
 
     d = sub.add_parser("demo", help="the offline benchmark on real data: every method, a table, plots, an export")
     d.add_argument("--quick", action="store_true", help="smaller splits and fewer steps (minutes)")

@@ -22,6 +22,9 @@ Schema (paths are relative to the config file)::
     run_dir: runs/example
     cache_dir: null                     # experts' cached predictions (expert_distill); share it
                                         # between runs over the same experts and streams
+    pool: {mnist: experts/mnist.safetensors, other: ft/other.safetensors}  # fw_merging's candidates
+                                        # (safetensors; a list of paths names them by file stem;
+                                        # default: the experts)
 """
 from __future__ import annotations
 
@@ -118,6 +121,13 @@ def resolve_paths(cfg: dict, root: Path) -> dict:
         cfg[section] = data
     if cfg["model"].get("checkpoint"):
         cfg["model"]["checkpoint"] = fix(cfg["model"]["checkpoint"])
+    if cfg.get("pool"):
+        pool = cfg["pool"]
+        if isinstance(pool, list):
+            pool = {Path(str(p)).stem: p for p in pool}
+        if not isinstance(pool, dict) or not all(isinstance(p, str) for p in pool.values()):
+            raise InputError("'pool' must map candidate names to safetensors paths (or list the paths)")
+        cfg["pool"] = {str(n): fix(p) for n, p in pool.items()}
     cfg["run_dir"] = fix(cfg["run_dir"])
     if cfg.get("cache_dir"):
         cfg["cache_dir"] = fix(cfg["cache_dir"])

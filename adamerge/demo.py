@@ -17,7 +17,7 @@ from pathlib import Path
 from adamerge.data import LinearHead, stream_from_tensors
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
-from adamerge.methods import build_data_free
+from adamerge.methods import build_data_free, create_method
 from adamerge.runs import RunFolder
 from adamerge.task_vectors import TaskVectors
 from adamerge.training import evaluate, fit
@@ -84,6 +84,22 @@ LEARNED |= {
     "adamerging(layer,expert_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "expert_distill"}),
     "adamerging(partition:4,expert_distill)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "expert_distill"}),
 }
+# test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
+# settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's
+# defaults over a pool of the experts plus two distractors (see _pool)
+LEARNED |= {
+    "t3": ("t3", {}),
+    "t3_b": ("t3", {"method_args": {"per": "batch"}}),
+    "fw_merging(hard)": ("fw_merging", {}),
+    "fw_merging(soft)": ("fw_merging", {"method_args": {"soft": True}}),
+}
+# the data-free merges of issue 15: the recommended method started from one of them
+LEARNED |= {
+    "adamerging(layer,infomax,floor=0.9,preprocess=pcb)": ("adamerging", {**_REC, "preprocess": {"merge": "pcb"}}),
+    "adamerging(layer,infomax,floor=0.9,init=lines)": ("adamerging", {**_REC, "init": {"merge": "lines"}}),
+}
+DATA_FREE_GRIDS = ("task_arithmetic", "ties", "consensus", "breadcrumbs", "dare", "pcb")
+DATA_FREE_FIXED = {"lines(beta=0.5)": "lines", "fisher(lam=1)": "fisher"}
 # One fixed choice for every run (chosen on seeds 0-2, checked on held-out seeds; README).
 RECOMMENDED = "adamerging(layer,infomax,floor=0.9)"
 # ``--quick`` runs these rows only (it must stay under 3 minutes on 2 cores)
@@ -160,11 +176,18 @@ def run_demo(
     # data-free baselines
     t0 = time.perf_counter()
     record("weight_average", "data_free", False, evaluate(build_data_free("weight_average", arch, tv), heads, streams), time.perf_counter() - t0)
-    for name in ("task_arithmetic", "ties"):
+    # λ grids (each λ a row: picking the best would use the test labels); the other options of
+    # each merge stay at their defaults (docs/data_free_merges.md)
+    for name in DATA_FREE_GRIDS:
         for lam in setting.lambdas:
             t0 = time.perf_counter()
             mm = build_data_free(name, arch, tv, lam=lam)
             record(f"{name}(lam={lam:g})", "data_free", False, evaluate(mm, heads, streams), time.perf_counter() - t0)
+    # merges with their defaults as they are (Fisher estimates on the unlabeled streams)
+    for row, merge in DATA_FREE_FIXED.items():
+        t0 = time.perf_counter()
+        mm = build_data_free(merge, arch, tv, heads=heads, streams=streams)
+        record(row, "data_free", False, evaluate(mm, heads, streams), time.perf_counter() - t0)
 
     # learned methods (unlabeled test streams)
     runs = out / "runs"
@@ -172,9 +195,13 @@ def run_demo(
     unknown = [n for n in chosen if n not in LEARNED]
     if unknown:
         raise InputError(f"unknown demo row '{unknown[0]}'; rows: {list(LEARNED)}")
+    pool = None
     for name in chosen:
         method, options = LEARNED[name]
-        options = {**options, "steps": options.get("steps", steps)}
+        own_loop = create_method(method).own_loop
+        options = dict(options) if own_loop else {**options, "steps": options.get("steps", steps)}
+        if method == "fw_merging" and pool is None:
+            pool = _pool(out, zoo, tasks, seed)
         if method == "concrete_adamerging":
             options["method_args"] = {"adamerging_steps": options["steps"], **options.get("method_args", {})}
         if quick and method == "doge":
@@ -189,11 +216,15 @@ def run_demo(
             say(f"[demo] reusing the finished run of {name}")
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
-            say(f"[demo] fitting {name} ({options['steps']} steps{' per layer' if method == 'doge' else ''})")
-            res = fit(run_dir, arch, tv, heads, streams, method, options, seed=seed,
-                      progress=progress, checkpoint_every=max(options["steps"], 1), labeled=labeled)
+            say(f"[demo] fitting {name}" + ("" if own_loop else f" ({options['steps']} steps{' per layer' if method == 'doge' else ''})"))
+            res = fit(run_dir, arch, tv, heads, streams, method, options, seed=seed, progress=progress,
+                      checkpoint_every=max(options.get("steps", 1), 1), labeled=labeled,
+                      pool=pool if method == "fw_merging" else None)
             atomic_write_json(marker, spec)
-        record(name, "data_free" if method == "doge" else "learned", res["uses_labels"], res["after"], res["seconds"])
+        kind = {"doge": "data_free", "t3": "test_time"}.get(method, "learned")
+        record(name, kind, res["uses_labels"], res["after"], res["seconds"])
+        if "fw_merging" in res:  # which candidates it chose: the share of the tensors' weight each holds
+            results["methods"][name]["pool_weight"] = {n: round(w, 4) for n, w in res["fw_merging"]["weight_per_candidate"].items()}
 
     atomic_write_json(out / "results.json", results)
     atomic_write_text(out / "results.md", results_table(results))
@@ -206,6 +237,36 @@ def run_demo(
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: {out / 'accuracy.png'},"
           f" {out / 'coefficients.png'}; merged checkpoint: {out / 'export'}")
     return results
+
+
+def _pool(out: Path, zoo, tasks: list[str], seed: int) -> dict[str, str]:
+    """FW-Merging's demo pool: the experts' files plus two distractors written to ``OUT/pool``:
+    ``noise`` (the base plus Gaussian noise as large, per tensor, as the first expert's task
+    vector) and ``anti_<task>`` (the base minus the first expert's task vector: it unlearns that
+    task)."""
+    import torch
+
+    from adamerge.io.files import atomic_save_safetensors
+
+    first = tasks[0]
+    pool = {t: str(zoo.path / "experts" / f"{t}.safetensors") for t in tasks}
+    missing = [p for p in pool.values() if not Path(p).is_file()]
+    if missing:
+        raise InputError(f"the demo zoo has no expert file {missing[0]}")
+    gen = torch.Generator().manual_seed(seed)
+    noise, anti = {}, {}
+    for k, v in zoo.base.items():
+        if not v.is_floating_point():
+            noise[k] = anti[k] = v
+            continue
+        tau = zoo.experts[first][k] - v
+        noise[k] = v + tau.norm() / max(1, v.numel()) ** 0.5 * torch.randn(v.shape, generator=gen, dtype=v.dtype)
+        anti[k] = v - tau
+    for name, sd in (("noise", noise), (f"anti_{first}", anti)):
+        path = out / "pool" / f"{name}.safetensors"
+        atomic_save_safetensors(sd, path)
+        pool[name] = str(path)
+    return pool
 
 
 def _export_recommended(out: Path, run_dir: Path, zoo, tasks, seed, results) -> None:
@@ -247,6 +308,10 @@ def results_table(results: dict) -> str:
         star = " (recommended)" if name == results.get("recommended") else ""
         cells = " | ".join(f"{100 * r['per_task'][t]:.1f}" for t in tasks)
         lines.append(f"| {name}{star} | {r['kind']} | {'yes' if r['uses_labels'] else 'no'} | {cells} | {100 * r['mean']:.1f} | {r['seconds']:.1f} |")
+    for name, r in results["methods"].items():
+        if "pool_weight" in r:  # FW-Merging: the weight each pool candidate holds in the merge
+            shares = ", ".join(f"{n} {w:.3f}" for n, w in r["pool_weight"].items())
+            lines.append(f"\n{name}: mean coefficient per pool candidate: {shares}")
     return "\n".join(lines) + "\n"
 
 

@@ -10,11 +10,12 @@ non-persistent buffer, so ``state_dict()`` (and a Lightning checkpoint) holds ki
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
+from torch.func import functional_call, vmap
 
 from adamerge.errors import InputError
 from adamerge.granularity import Grouping, Spec, make_grouping
@@ -272,6 +273,65 @@ class MergedModel(nn.Module):
     def forward(self, *args, **kwargs):
         state = {**self.merged_parameters(), **self.current_buffers()}
         return functional_call(self._arch, state, args, kwargs)
+
+    @torch.no_grad()
+    def stacked_parameters(self, coefficients: Tensor) -> dict[str, Tensor]:
+        """Merged parameters under M sets of applied coefficients at once: ``coefficients``
+        ``[M, T, G]`` → ``{key: [M, *shape]}`` with ``θ0 + Σ_t c[m, t, g(k)] · (mask ⊙ τ_t)``.
+        Whole-tensor groups only (task, block, layer, rules); no gradient (test-time use)."""
+        if self.grouping.chunks:
+            raise InputError(f"several coefficient sets at once need whole-tensor groups, not '{self.grouping.spec}'")
+        if self.mask_set is not None:
+            raise InputError("several coefficient sets at once do not support learnable masks")
+        T, G = self.coefficients.shape
+        if coefficients.dim() != 3 or tuple(coefficients.shape[1:]) != (T, G):
+            raise InputError(f"coefficient sets must have shape [M, {T}, {G}], got {tuple(coefficients.shape)}")
+        out: dict[str, Tensor] = {}
+        for i, key in enumerate(self.merge_keys):
+            base, tau = self._tensor("_base", i), self._tensor("_tau", i)
+            w = coefficients[:, :, self.grouping.tensor_group[key]].to(torch.float32)  # [M, T]
+            rows = tau.reshape(T, -1).to(torch.float32)
+            mask = self.masks.get(key) if self.masks else None
+            if mask is not None:
+                rows = rows * mask.to(rows.device, torch.float32).expand(tau.shape).reshape(T, -1)
+            flat = torch.addmm(base.reshape(1, -1).to(torch.float32), w, rows)
+            out[key] = flat.reshape(-1, *base.shape).to(base.dtype)
+        return out
+
+    @torch.no_grad()
+    def forward_many(self, coefficients: Tensor, x: Tensor, per_input: bool = False, vectorize: bool | None = None) -> Tensor:
+        """The backbone under M coefficient sets (``[M, T, G]``), without gradient.
+
+        ``x`` is shared (``[N, ...]`` → ``[M, N, ...]``: e.g. the pretrained model and every expert
+        on one batch) or, with ``per_input``, input m goes through set m (``x`` ``[M, ...]`` →
+        ``[M, ...]``: per-input merging). ``vectorize`` runs the sets in one ``torch.func.vmap`` pass
+        (M merged copies at once) instead of one after another (one merge and one forward each).
+        Default (``None``): vmap for per-input sets, a loop for a shared input, the faster of the
+        two for each on a CPU (EfficientNet-Lite0 at 32 px, one thread: 16 inputs through their own
+        sets 0.40 s vmapped vs 0.96 s in a loop; 4 sets over a shared batch of 64: 1.81 s vmapped
+        vs 1.47 s in a loop, against 0.31 s for one plain forward)."""
+        if per_input and x.shape[0] != coefficients.shape[0]:
+            raise InputError(f"{coefficients.shape[0]} coefficient sets for {x.shape[0]} inputs")
+        buffers = self.current_buffers()
+
+        def run(p: dict[str, Tensor], xi: Tensor) -> Tensor:
+            return functional_call(self._arch, {**p, **buffers}, (xi,))
+
+        if vectorize is None:
+            vectorize = per_input
+        if not vectorize:
+            outs = []
+            for m in range(coefficients.shape[0]):
+                params = {k: v[0] for k, v in self.stacked_parameters(coefficients[m : m + 1]).items()}
+                outs.append(run(params, x[m : m + 1] if per_input else x))
+            return torch.cat(outs) if per_input else torch.stack(outs)
+        params = self.stacked_parameters(coefficients)
+        with warnings.catch_warnings():
+            # nn.MultiheadAttention has no batching rule: vmap loops over the sets there (correct, slower)
+            warnings.filterwarnings("ignore", ".*batching rule.*")
+            if per_input:
+                return vmap(run, in_dims=(0, 0))(params, x.unsqueeze(1)).squeeze(1)
+            return vmap(run, in_dims=(0, None))(params, x)
 
     # ------------------------------------------------------------------ results
     @torch.no_grad()

@@ -114,10 +114,10 @@ class RunFolder:
             {"meta": json.dumps(meta or {})},
         )
 
-    def stages_done(self) -> int:
-        """How many solver stages have finished (recorded with the method state)."""
+    def state_meta(self) -> dict[str, Any]:
+        """The metadata saved with the method state (``{}`` when there is none)."""
         if not self.state_path.is_file():
-            return 0
+            return {}
         from safetensors import safe_open
 
         try:
@@ -125,7 +125,15 @@ class RunFolder:
                 meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         except Exception as err:
             raise InputError(f"{self.state_path}: cannot read the method state ({err})") from None
-        return int(meta.get("stages_done", 1))
+        if not isinstance(meta, dict):
+            raise InputError(f"{self.state_path}: the method state's metadata is not a mapping")
+        return meta
+
+    def stages_done(self) -> int:
+        """How many solver stages have finished (recorded with the method state)."""
+        if not self.state_path.is_file():
+            return 0
+        return int(self.state_meta().get("stages_done", 1))
 
     def load_state(self) -> dict[str, Tensor] | None:
         """The saved method state, or ``None`` when the run has none."""
@@ -179,10 +187,13 @@ class RunFolder:
     def is_finished(self) -> bool:
         return self.results_path.is_file() and self.read_results().get("status", FINISHED) == FINISHED
 
-    def require_finished(self) -> None:
-        for name in ("config.yaml", "coefficients.safetensors", "results.json"):
+    def require_finished(self, files: tuple[str, ...] = ("config.yaml", "results.json")) -> None:
+        """A clear error unless the run finished (results.json says so) and ``files`` exist."""
+        for name in files:
             if not (self.path / name).is_file():
                 raise InputError(f"{self.path} is not a finished run: {name} is missing (did fit stop early? fit --resume continues it)")
+        if not self.is_finished():
+            raise InputError(f"{self.path} is not a finished run (results.json has status {self.read_results().get('status')!r})")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from adamerge.data import StepBatch, StepBatches, TaskStream, images_layout, strong_view
 from adamerge.errors import InputError, NonFiniteLossError
+from adamerge.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
 from adamerge.merged import MergedModel
 from adamerge.methods import MethodConfig, create_method
 from adamerge.objectives import get_objective, target_kind
@@ -44,14 +45,17 @@ class MergeModule(L.LightningModule):
 
     def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], cfg: MethodConfig, solver,
                  targets: Mapping[str, Tensor] | None = None, regularizer: Callable | None = None,
-                 augment: bool = False, seed: int = 0) -> None:
+                 augment: bool = False, seed: int = 0, tasks: Sequence[str] | None = None) -> None:
         super().__init__()
-        missing = [t for t in merged.task_names if t not in heads]
+        # the streams' tasks: the task vectors' names, unless those are something else (FW-Soft's
+        # pool candidates)
+        self.tasks = list(tasks or merged.task_names)
+        missing = [t for t in self.tasks if t not in heads]
         if missing:
             raise InputError(f"no head for task '{missing[0]}' (heads given for {sorted(heads)})")
         self.automatic_optimization = False
         self.merged = merged
-        self.heads = nn.ModuleDict({t: heads[t] for t in merged.task_names})
+        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
         for p in self.heads.parameters():
             p.requires_grad_(False)
         self.cfg = cfg
@@ -61,7 +65,7 @@ class MergeModule(L.LightningModule):
         if self.target_kind in ("experts", "labels") and targets is None:
             raise InputError(f"objective '{cfg.objective}' needs per-sample {self.target_kind} (targets)")
         self.augment, self.seed = augment, seed
-        for i, t in enumerate(merged.task_names):  # per-sample targets move with the module
+        for i, t in enumerate(self.tasks):  # per-sample targets move with the module
             self.register_buffer(f"_target{i}", None if targets is None else targets[t], persistent=False)
         self.strict_loading = False  # checkpoints leave the frozen heads out
         self.stop_reason: str | None = None
@@ -99,12 +103,12 @@ class MergeModule(L.LightningModule):
             if kind in ("experts", "labels"):
                 if index is None:
                     raise InputError("per-sample targets need a StepBatch (inputs with their stream positions)")
-                target = getattr(self, f"_target{self.merged.task_names.index(n)}")[index[n].to(f.device)]
+                target = getattr(self, f"_target{self.tasks.index(n)}")[index[n].to(f.device)]
                 out[n] = self.objective(logits, targets=target) if kind == "experts" else self.objective(logits, target)
             elif kind == "views":
                 with torch.no_grad():
                     weak_logits = self.heads[n](weak[k]).float()
-                    fixed = getattr(self, f"_target{self.merged.task_names.index(n)}")
+                    fixed = getattr(self, f"_target{self.tasks.index(n)}")
                     if fixed is not None and index is not None:
                         # trusted samples: their fixed pseudo-label (>= 0) replaces the weak view's
                         lab = fixed[index[n].to(f.device)]
@@ -238,10 +242,13 @@ def fit(
     eval_batch_size: int = 256,
     cache_dir: str | Path | None = None,
     labeled: Sequence[TaskStream] | None = None,
+    pool: Mapping[str, str] | None = None,
+    tasks: Sequence[str] | None = None,
 ) -> dict:
     """Run a method's solver stages in order (data-free ones through ``Solver.solve``, data ones
     through Lightning) and write the run folder. Each finished stage saves the method state it
-    produced, so ``resume`` continues at the first unfinished stage. Returns the results dict."""
+    produced, so ``resume`` continues at the first unfinished stage. ``tasks`` names the streams'
+    tasks when the task vectors are not one per task (FW-Soft's candidates). Returns the results dict."""
     run = RunFolder(run_dir)
     m = create_method(method)
     cfg = m.config(options)
@@ -253,13 +260,18 @@ def fit(
     if not resume and (started or run.results_path.exists()):
         raise InputError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
     names = [s.name for s in streams]
-    if sorted(names) != sorted(tv.task_names):
-        raise InputError(f"data streams {names} do not match the experts' tasks {tv.task_names}")
-    streams = sorted(streams, key=lambda s: tv.task_names.index(s.name))
+    tasks = list(tasks or tv.task_names)
+    if sorted(names) != sorted(tasks):
+        raise InputError(f"data streams {names} do not match the experts' tasks {tasks}")
+    streams = sorted(streams, key=lambda s: tasks.index(s.name))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     run.path.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
     _quiet_lightning()
+    if m.own_loop:  # T3, FW-Merging: the method runs its own loop (nested fits through Lightning)
+        return _fit_own_loop(m, cfg, run, model, tv, heads, streams, labeled, method, seed=seed, resume=resume,
+                             progress=progress, say=say, eval_batch_size=eval_batch_size,
+                             cache_dir=cache_dir or run.path / "cache", pool=pool, trainer_options=trainer_options)
 
     start = time.perf_counter()
     rank_zero = _is_global_zero()
@@ -287,7 +299,7 @@ def fit(
                     state = {**state, **data.state}
                     run.save_state(state, {"stages_done": i, "solver": solver.name})
             module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
-                                 augment=data.augment, seed=seed)
+                                 augment=data.augment, seed=seed, tasks=tasks)
             ckpt_dir = run.stage_checkpoints(i)
             resuming = resume and (ckpt_dir / "last.ckpt").exists()
             trainer = _trainer(run, ckpt_dir, steps, progress, trainer_options, checkpoint_every)
@@ -337,6 +349,33 @@ def fit(
     return results
 
 
+def _fit_own_loop(m, cfg: MethodConfig, run: RunFolder, model, tv, heads, streams, labeled, method: str, *,
+                  seed: int, resume: bool, progress: bool, say, eval_batch_size: int, cache_dir, pool,
+                  trainer_options) -> dict:
+    """A method with its own loop (``Method.run``); nested fits (e.g. FW-Soft's AdaMerging over the
+    chosen checkpoints) are ordinary Lightning fits into sub-folders of the run."""
+    from adamerge.methods.base import FitContext
+
+    def train(run_dir, sub_tv, sub_method: str, options: dict) -> dict:
+        sub = RunFolder(run_dir)
+        if sub.is_finished():  # a resumed parent reuses a finished nested fit
+            return sub.read_results()
+        started = sub.checkpoints.exists() or sub.state_path.exists()
+        return fit(run_dir, model, sub_tv, heads, streams, sub_method, options, seed=seed, resume=started,
+                   progress=progress, trainer_options=trainer_options, checkpoint_every=max(1, options.get("steps", 1)),
+                   eval_batch_size=eval_batch_size, cache_dir=cache_dir, labeled=labeled,
+                   tasks=[s.name for s in streams])
+
+    start = time.perf_counter()
+    ctx = FitContext(run, model, tv, dict(heads), list(streams), labeled, cfg, seed, resume, progress, say,
+                     eval_batch_size, cache_dir, dict(pool) if pool else None, evaluate, train)
+    results = m.run(ctx)
+    results = {"method": method, "options": dataclasses.asdict(cfg), "solvers": [], "uses_labels": m.uses_labels_with(cfg),
+               "seconds": time.perf_counter() - start, **results}
+    run.write_results(results)
+    return results
+
+
 def _is_global_zero() -> bool:
     """Rank zero of a DDP launch (the launcher sets LOCAL_RANK/RANK in the child processes)."""
     import os
@@ -369,35 +408,3 @@ def _trainer(run: RunFolder, ckpt_dir: Path, steps: int, progress: bool, trainer
         default_root_dir=str(run.path),
         **opts,
     )
-
-
-def reestimate_batches(streams: Sequence[TaskStream], batch_size: int):
-    """Every task's inputs in order, in chunks, for BatchNorm re-estimation."""
-    for s in streams:
-        for lo in range(0, len(s), batch_size):
-            yield s.inputs(torch.arange(lo, min(lo + batch_size, len(s))))
-
-
-@torch.no_grad()
-def evaluate(
-    backbone: nn.Module,
-    heads: Mapping[str, nn.Module],
-    streams: Sequence[TaskStream],
-    batch_size: int = 256,
-) -> dict | None:
-    """Accuracy per task and their mean, or ``None`` when some stream has no labels."""
-    labels = {s.name: s.labels() for s in streams}
-    if any(v is None for v in labels.values()):
-        return None
-    was_training = backbone.training
-    backbone.eval()
-    per_task = {}
-    for s in streams:
-        correct = 0
-        for lo in range(0, len(s), batch_size):
-            idx = torch.arange(lo, min(lo + batch_size, len(s)))
-            logits = heads[s.name](backbone(images_layout(s.inputs(idx))))
-            correct += int((logits.argmax(-1) == labels[s.name][idx]).sum())
-        per_task[s.name] = correct / len(s)
-    backbone.train(was_training)
-    return {"per_task": per_task, "mean": sum(per_task.values()) / len(per_task)}

@@ -75,3 +75,19 @@ def assert_export_reproduces(run: Path, out: Path) -> None:
     x = parts["streams"][0].inputs(torch.arange(8))
     with torch.no_grad():
         assert torch.allclose(model(x), merged(x), atol=1e-6)
+
+
+def assert_predict_matches_run(run: Path, out: Path, tmp: Path) -> None:
+    """``adamerge predict`` on the export scores each task's stream exactly as the run did."""
+    import csv
+    import json
+
+    from adamerge.cli import main
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    after = json.loads((run / "results.json").read_text())["after"]["per_task"]
+    for task, spec in cfg["data"].items():
+        path = tmp / f"predictions-{task}.csv"
+        assert main(["predict", str(out), spec["tensors"], "--task", task, "--out", str(path), "--no-progress", "--force"]) == 0
+        rows = list(csv.DictReader(path.open()))
+        assert sum(r["prediction"] == r["label"] for r in rows) / len(rows) == after[task]

@@ -7,7 +7,7 @@ default is ``options.solver``). Adding a method = one module here with one ``reg
 call; the shared test matrix (tests/test_methods.py) picks it up.
 """
 from adamerge.methods.base import Method, MethodConfig, create_method, list_methods, register_method
-from adamerge.methods import adamerging, atlas, concrete, doge  # noqa: F401  (registration)
+from adamerge.methods import adamerging, atlas, concrete, doge, fw_merging, t3  # noqa: F401  (registration)
 from adamerge.methods.data_free import DATA_FREE_METHODS, build_data_free
 
 __all__ = [

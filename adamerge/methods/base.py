@@ -43,7 +43,7 @@ class MethodConfig:
     """Options of a learned merge. Each field is also a ``--options.<field>`` CLI override."""
 
     granularity: Any = "layer"
-    init: float = 0.3
+    init: Any = 0.3  # a float, one per task, or {merge: NAME, ...options}: a registered merge's coefficients
     constraint: str = "box"  # none | box | simplex: the feasible set of the coefficients
     bounds: tuple[float, float] = (0.0, 1.0)  # the box
     total: float = 1.0  # the simplex: per group, the T coefficients sum to this
@@ -60,6 +60,7 @@ class MethodConfig:
     steps: int = 500
     batch_size: int = 16
     ties_density: float | None = None
+    preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"
     extra: dict = field(default_factory=dict)
 
@@ -70,7 +71,11 @@ class MethodConfig:
 
         if isinstance(self.bounds, list):
             self.bounds = tuple(self.bounds)
-        if not hasattr(self.init, "shape"):
+        if isinstance(self.init, dict):
+            from adamerge.merges import merge_request
+
+            merge_request(self.init, "init")
+        elif not hasattr(self.init, "shape"):
             for v in self.init if isinstance(self.init, (list, tuple)) else [self.init]:
                 _number("init", v)
         _number("steps", self.steps, low=0, integer=True)
@@ -83,6 +88,12 @@ class MethodConfig:
             _number("grad_clip", self.grad_clip, low=0, low_open=True)
         if self.ties_density is not None:
             _number("ties_density", self.ties_density, low=0, low_open=True, high=1)
+        if self.preprocess is not None:
+            from adamerge.merges import merge_request
+
+            if self.ties_density is not None:
+                raise InputError("set either 'ties_density' or 'preprocess', not both (ties_density d = preprocess {merge: ties, density: d})")
+            merge_request(self.preprocess, "preprocess")
         if self.constraint not in CONSTRAINTS:
             raise InputError(f"option 'constraint' must be one of {list(CONSTRAINTS)}, got {self.constraint!r}{did_you_mean(self.constraint, list(CONSTRAINTS))}")
         if not (isinstance(self.bounds, tuple) and len(self.bounds) == 2):
@@ -136,6 +147,28 @@ class TrainingData:
     state: dict = field(default_factory=dict)
 
 
+@dataclass
+class FitContext:
+    """What ``fit`` hands a method with its own loop (``Method.own_loop``: T3, FW-Merging)."""
+
+    run: Any  # adamerge.runs.RunFolder
+    model: nn.Module
+    tv: TaskVectors
+    heads: dict
+    streams: list
+    labeled: list | None
+    cfg: MethodConfig
+    seed: int
+    resume: bool
+    progress: bool
+    say: Callable[[str], None]
+    eval_batch_size: int
+    cache_dir: Any
+    pool: dict | None  # FW-Merging's candidates {name: safetensors path}
+    evaluate: Callable  # adamerge.evaluation.evaluate
+    train: Callable  # (run_dir, tv, method, options) -> results: a nested Lightning fit
+
+
 class Method:
     """Default learned method: coefficients trained by ``options.solver`` on an objective."""
 
@@ -144,7 +177,19 @@ class Method:
     prepare_solver: str | None = None  # a data-free solver run first; its state feeds build()
     uses_labels = False
     has_masks = False  # learnable masks (solvers with needs_masks need them)
+    own_loop = False  # runs :meth:`run` instead of solver stages, and writes its own export
     description = ""
+
+    def validate(self, config: dict, model: nn.Module | None) -> None:
+        """Check inputs beyond the options (e.g. FW-Merging's pool) before ``fit`` writes anything."""
+
+    def run(self, ctx: FitContext) -> dict:
+        """The whole fit of an own-loop method; returns entries for results.json."""
+        raise NotImplementedError(f"method '{self.name}' trains through solver stages")
+
+    def export(self, folder, run_dir, cfg: dict, results: dict) -> str:
+        """Write an own-loop method's export into ``folder``; returns what was written (for the CLI)."""
+        raise NotImplementedError(f"method '{self.name}' exports through adamerge.export.write_export")
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
         """Defaults, then overrides (the ``*_args`` mappings are merged key by key)."""
@@ -210,18 +255,25 @@ class Method:
         return {}
 
     def prepare(self, tv: TaskVectors, cfg: MethodConfig, model: nn.Module, state: dict | None = None) -> TaskVectors:
-        """Task-vector preprocessing (none by default; TIES on the parameters when
-        ``ties_density`` is set, buffers untouched)."""
-        if cfg.ties_density:
-            from adamerge.merges import ties_vectors
+        """Task-vector preprocessing of the parameters (buffers untouched): the registered merge
+        named by ``preprocess`` rewrites them (``ties_density`` d is ``{merge: ties, density: d}``);
+        none by default."""
+        request = cfg.preprocess if cfg.preprocess is not None else (
+            {"merge": "ties", "density": cfg.ties_density} if cfg.ties_density else None)
+        if request is None:
+            return tv
+        from adamerge.merges import rewrite_task_vectors
 
-            params = [n for n, _ in model.named_parameters()]
-            return TaskVectors(tv.base, ties_vectors(tv.vectors, cfg.ties_density, keys=params), tv.task_names, tv.sources)
-        return tv
+        return rewrite_task_vectors(tv, [n for n, _ in model.named_parameters()], request)
 
     def initial_coefficients(self, merged: MergedModel, cfg: MethodConfig, tv: TaskVectors, state: dict | None = None):
         """The applied coefficients to start from (a float or a ``[T, G]`` tensor); ``tv`` are
-        the task vectors before :meth:`prepare`."""
+        the task vectors before :meth:`prepare`. ``init: {merge: NAME, ...}`` takes the merge's
+        per-tensor coefficients on ``tv`` (e.g. LiNeS's depth profile), averaged per group."""
+        if isinstance(cfg.init, dict):
+            from adamerge.merges import initial_coefficients
+
+            return initial_coefficients(cfg.init, tv, merged.grouping, merged.merge_keys)
         return cfg.init
 
     def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0, state: dict | None = None,

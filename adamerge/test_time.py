@@ -1,0 +1,147 @@
+"""T3 / T3_B: merging at test time without backpropagation (pure maths and the merger).
+
+For an input x of task t, the pretrained model and every expert j (each through task t's head)
+give predictive distributions p_0(x) and p_j(x). T3 turns each expert's divergence from the
+pretrained model into that expert's coefficient and merges per input (T3) or per batch (T3_B):
+
+    d_j(x) = JS(p_0(x) ‖ p_j(x)) / ln(base)                  (base 2: d ∈ [0, 1])
+    λ_j(x) = λ_min + (λ_max − λ_min) · σ(γ · d_j(x))          (combine = independent)
+    θ(x)   = θ0 + Σ_j c_j(x) · τ_j,   c_j = λ_j (side = expert) or λ_min + λ_max − λ_j (generalist)
+
+``combine = softmax`` (the default) replaces σ by a softmax over the experts (c sums to
+λ_min·T + λ_max − λ_min): a router. The public material leaves the bounds, the side, the log base
+and the batch aggregation open; the defaults (side expert, softmax, γ = 10 on divergences in bits,
+λ ∈ [0, 1]) were chosen on the quick demo zoo, see docs/test_time_and_pools.md.
+
+Cost per batch against one fixed merged model: one vmapped pass of T + 1 parameter sets (the
+pretrained model and the experts, :meth:`MergedModel.forward_many`) for the divergences, then the
+merged forward: per batch (T3_B) one merge and one forward, per sample (T3) one merge per input,
+``chunk`` inputs at a time (memory: ``chunk`` merged copies of the parameters).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from adamerge.data import images_layout
+from adamerge.errors import InputError
+from adamerge.merged import MergedModel
+
+
+@dataclass
+class T3Options:
+    """Options of ``t3`` (``options.method_args``); defaults fixed on the quick demo zoo."""
+
+    per: str = "sample"  # sample (T3: one merge per input) | batch (T3_B: one merge per batch)
+    gamma: float = 10.0  # slope of the sigmoid (or softmax temperature⁻¹) on the divergence
+    lam_min: float = 0.0
+    lam_max: float = 1.0
+    log_base: float = 2.0  # divergences in bits: JS ∈ [0, 1]; math.e gives nats (JS ≤ ln 2)
+    side: str = "expert"  # expert: c_j grows with expert j's divergence | generalist: shrinks
+    combine: str = "softmax"  # softmax (over experts: a router) | independent (a sigmoid per expert)
+    aggregate: str = "mean_divergence"  # T3_B: mean_divergence (then λ) | mean_lambda
+    chunk: int = 16  # T3: inputs merged at once (memory: chunk merged parameter copies)
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        choices = {"per": ("sample", "batch"), "side": ("expert", "generalist"),
+                   "combine": ("independent", "softmax"), "aggregate": ("mean_divergence", "mean_lambda")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"t3 option '{name}' must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("gamma", "lam_min", "lam_max", "log_base"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise InputError(f"t3 option '{name}' must be a number, got {v!r}")
+        if self.lam_min > self.lam_max:
+            raise InputError(f"t3 options need lam_min <= lam_max, got {self.lam_min} > {self.lam_max}")
+        if self.log_base <= 1:
+            raise InputError(f"t3 option 'log_base' must be > 1, got {self.log_base}")
+        for name in ("chunk", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InputError(f"t3 option '{name}' must be a positive integer, got {v!r}")
+
+
+def js_divergence(p: Tensor, q: Tensor, log_base: float = math.e) -> Tensor:
+    """Jensen–Shannon divergence between probability rows (last axis), in units of ``log_base``.
+    ``p`` and ``q`` broadcast; 0 for identical rows, ≤ log_base(2)."""
+    m = 0.5 * (p + q)
+
+    def kl(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(a > 0, a * (a.clamp_min(1e-30).log() - b.clamp_min(1e-30).log()), torch.zeros_like(a)).sum(-1)
+
+    return (0.5 * kl(p, m) + 0.5 * kl(q, m)).clamp_min(0) / math.log(log_base)
+
+
+def t3_coefficients(divergence: Tensor, opts: T3Options) -> Tensor:
+    """Coefficients of the task vectors ``[..., T]`` from the divergences ``[..., T]``."""
+    lo, hi = opts.lam_min, opts.lam_max
+    if opts.combine == "softmax":
+        sign = 1.0 if opts.side == "expert" else -1.0
+        return lo + (hi - lo) * torch.softmax(sign * opts.gamma * divergence, dim=-1)
+    lam = lo + (hi - lo) * torch.sigmoid(opts.gamma * divergence)
+    return lam if opts.side == "expert" else lo + hi - lam
+
+
+class T3Output(NamedTuple):
+    logits: Tensor  # [N, C]
+    coefficients: Tensor  # [N, T] (T3_B: one row repeated)
+    divergences: Tensor  # [N, T]
+
+
+class TestTimeMerger(nn.Module):
+    """Per-input (T3) or per-batch (T3_B) merging over a :class:`MergedModel` with task-wise
+    coefficients; :meth:`predict` needs the input's task (its head scores every model)."""
+
+    __test__ = False  # not a pytest class
+
+    def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], opts: T3Options) -> None:
+        super().__init__()
+        if merged.grouping.num_groups != 1:
+            raise InputError("T3 merges with one coefficient per task (granularity 'task')")
+        self.merged, self.opts = merged, opts
+        self.heads = nn.ModuleDict(dict(heads))
+
+    @torch.no_grad()
+    def divergences(self, x: Tensor, task: str) -> Tensor:
+        """JS(p_0 ‖ p_j) per input and expert, ``[N, T]`` (one pass of T + 1 parameter sets)."""
+        T = self.merged.num_tasks
+        sets = torch.cat([torch.zeros(1, T), torch.eye(T)]).unsqueeze(-1)  # pretrained, then experts
+        feats = self.merged.forward_many(sets, images_layout(x))  # [T + 1, N, F]
+        probs = torch.softmax(self.heads[task](feats).float(), dim=-1)
+        return js_divergence(probs[:1], probs[1:], self.opts.log_base).t()
+
+    @torch.no_grad()
+    def predict(self, x: Tensor, task: str) -> T3Output:
+        """Logits, the coefficients used and the divergences they came from."""
+        if task not in self.heads:
+            raise InputError(f"unknown task '{task}'; tasks: {list(self.heads)}")
+        d = self.divergences(x, task)
+        coef = t3_coefficients(d, self.opts)
+        if self.opts.per == "batch":
+            one = coef.mean(0) if self.opts.aggregate == "mean_lambda" else t3_coefficients(d.mean(0), self.opts)
+            feats = self.merged.forward_many(one[None, :, None], images_layout(x))[0]
+            coef = one.expand_as(coef)
+        else:
+            parts = []
+            for lo in range(0, x.shape[0], self.opts.chunk):
+                c = coef[lo : lo + self.opts.chunk]
+                parts.append(self.merged.forward_many(c[:, :, None], x[lo : lo + self.opts.chunk], per_input=True))
+            feats = torch.cat(parts)
+        return T3Output(self.heads[task](feats), coef, d)
+
+    def forward(self, x: Tensor, task: str) -> Tensor:
+        return self.predict(x, task).logits
+
+
+def t3_merged_model(model: nn.Module, tv, buffer_policy: str = "base") -> MergedModel:
+    """The frozen task-wise merged model that T3 sets per input."""
+    merged = MergedModel(model, tv, "task", init=0.0, clamp=None, buffer_policy=buffer_policy)
+    merged.coefficients.requires_grad_(False)
+    return merged
+
