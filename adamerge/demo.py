@@ -196,6 +196,7 @@ def run_demo(
     if unknown:
         raise InputError(f"unknown demo row '{unknown[0]}'; rows: {list(LEARNED)}")
     pool = None
+    _zoo_files(out, zoo, tasks)
     for name in chosen:
         method, options = LEARNED[name]
         own_loop = create_method(method).own_loop
@@ -211,11 +212,18 @@ def run_demo(
         # interrupted demo continues where it stopped
         spec = json.loads(json.dumps({"zoo": str(zoo.path), "method": method, "options": options, "seed": seed}))
         marker = run_dir / "demo_row.json"
+        # the row's resolved config: `adamerge fit --config RUN/config.yaml` reruns it
+        row_cfg = row_config(out, zoo, tasks, seed, method, options, run_dir,
+                             labeled=create_method(method).uses_labels_with(create_method(method).config(options)),
+                             pool=pool if method == "fw_merging" else None)
         if marker.is_file() and json.loads(marker.read_text()) == spec and RunFolder(run_dir).is_finished():
             res = RunFolder(run_dir).read_results()
             say(f"[demo] reusing the finished run of {name}")
+            if not RunFolder(run_dir).config_path.is_file():
+                RunFolder(run_dir).write_config(row_cfg)
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
+            RunFolder(run_dir).write_config(row_cfg)
             say(f"[demo] fitting {name}" + ("" if own_loop else f" ({options['steps']} steps{' per layer' if method == 'doge' else ''})"))
             res = fit(run_dir, arch, tv, heads, streams, method, options, seed=seed, progress=progress,
                       checkpoint_every=max(options.get("steps", 1), 1), labeled=labeled,
@@ -269,34 +277,61 @@ def _pool(out: Path, zoo, tasks: list[str], seed: int) -> dict[str, str]:
     return pool
 
 
-def _export_recommended(out: Path, run_dir: Path, zoo, tasks, seed, results) -> None:
-    """Write ``OUT/config.yaml`` (a reusable config over the zoo: ``OUT/zoo`` links to the cached
-    zoo, ``OUT/data`` holds the test streams) and export the recommended run through the same
-    path as ``adamerge export``."""
-    from adamerge.config import dump_config
-    from adamerge.export import export_run
+def _zoo_files(out: Path, zoo, tasks: list[str]) -> None:
+    """``OUT/zoo`` (a link to the cached zoo) and ``OUT/data/<task>.safetensors`` (the test
+    streams), what the rows' configs point at."""
     from adamerge.io.files import atomic_save_safetensors
 
     link = out / "zoo"
-    if link.is_symlink() or link.exists():
-        link.unlink() if link.is_symlink() else shutil.rmtree(link)
-    link.symlink_to(zoo.path.resolve(), target_is_directory=True)
+    if not (link.is_symlink() and link.resolve() == zoo.path.resolve()):
+        if link.is_symlink() or link.exists():
+            link.unlink() if link.is_symlink() else shutil.rmtree(link)
+        link.symlink_to(zoo.path.resolve(), target_is_directory=True)
     for t in tasks:
         atomic_save_safetensors({"x": zoo.tasks[t].x_test, "y": zoo.tasks[t].y_test}, out / "data" / f"{t}.safetensors")
-    method, options = LEARNED[RECOMMENDED]
+
+
+def row_config(out: Path, zoo, tasks: list[str], seed: int, method: str, options: dict, run_dir: Path, *,
+               labeled: bool = False, pool: dict[str, str] | None = None) -> dict:
+    """The resolved ``adamerge fit`` config of one demo row over ``OUT/zoo`` and ``OUT/data``
+    (see :func:`_zoo_files`): the same inputs, options, seed and checkpointing as the demo's own
+    ``fit`` call. ``labeled`` adds the training splits (``OUT/data/<task>.train.safetensors``) for
+    rows that read labels; ``pool`` is FW-Merging's candidates."""
+    from adamerge.io.files import atomic_save_safetensors
+
+    link = out / "zoo"
     cfg = {
         "seed": seed, "prefix": None, "storage_dtype": "float32", "method": method,
-        "options": {**options, "steps": results["settings"]["steps"]},
+        "options": json.loads(json.dumps(options)),
         "model": {"source": "efficientnet_lite0"},
         "base": str(link / "base.safetensors"),
         "experts": {t: str(link / "experts" / f"{t}.safetensors") for t in tasks},
         "heads": {t: {"path": str(link / "heads" / f"{t}.safetensors")} for t in tasks},
         "data": {t: {"tensors": str(out / "data" / f"{t}.safetensors")} for t in tasks},
         "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto"},
-        "run_dir": str(run_dir), "eval_batch_size": 256, "checkpoint_every": 50,
+        "run_dir": str(Path(run_dir).resolve()), "eval_batch_size": 256,
+        "checkpoint_every": max(options.get("steps", 1), 1), "cache_dir": None,
     }
+    if labeled:
+        for t in tasks:
+            path = out / "data" / f"{t}.train.safetensors"
+            if not path.is_file():
+                atomic_save_safetensors({"x": zoo.tasks[t].x_train, "y": zoo.tasks[t].y_train}, path)
+        cfg["labeled"] = {t: {"tensors": str(out / "data" / f"{t}.train.safetensors")} for t in tasks}
+    if pool:
+        cfg["pool"] = dict(pool)
+    return cfg
+
+
+def _export_recommended(out: Path, run_dir: Path, zoo, tasks, seed, results) -> None:
+    """Write ``OUT/config.yaml`` (the recommended row's config over the zoo, see
+    :func:`row_config`) and export the recommended run through the same path as ``adamerge export``."""
+    from adamerge.config import dump_config
+    from adamerge.export import export_run
+
+    method, options = LEARNED[RECOMMENDED]
+    cfg = row_config(out, zoo, tasks, seed, method, {**options, "steps": results["settings"]["steps"]}, run_dir)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
-    atomic_write_text(run_dir / "config.yaml", dump_config(cfg))
     export_run(run_dir, out / "export", force=True)
 
 
