@@ -441,6 +441,7 @@ def plot_accuracy_vs_coefficients(rows: list[dict], axes: list[str], path: Path)
 
 def draw_coefficients(ax, run_dir: Path, title: str = "", vmax: float | None = None):
     """A run's applied coefficients (tasks × groups) as a heat map on ``ax``; returns the image."""
+    from matplotlib.ticker import MaxNLocator
     from safetensors.torch import load_file
 
     coef = load_file(str(Path(run_dir) / "coefficients.safetensors"))["coefficients"].numpy()
@@ -449,6 +450,10 @@ def draw_coefficients(ax, run_dir: Path, title: str = "", vmax: float | None = N
                    interpolation="nearest")
     ax.set_yticks(range(coef.shape[0]))
     ax.set_yticklabels(groups["tasks"], fontsize=8)
+    if coef.shape[1] <= 10:
+        ax.set_xticks(range(coef.shape[1]))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(f"group ({coef.shape[1]}, input → output side)", fontsize=8)
     ax.set_title(title, fontsize=9)
     return im
@@ -467,7 +472,7 @@ def plot_coefficient_grid(runs: list[tuple[str, Path]], path: Path) -> None:
     vmax = max(1.0, *(float(load_file(str(d / "coefficients.safetensors"))["coefficients"].max()) for _, d in runs))
     cols = min(len(runs), 4)
     rows = math.ceil(len(runs) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.4 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 2.4 * rows + 0.6), squeeze=False, layout="constrained")
     im = None
     for ax, (name, folder) in zip(axes.flat, runs):
         im = draw_coefficients(ax, folder, name, vmax)

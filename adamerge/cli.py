@@ -1,4 +1,4 @@
-"""``adamerge fit | eval | export | predict | inspect | convert | demo``.
+"""``adamerge fit | eval | export | predict | inspect | convert | demo | ablate | tune``.
 
 A user mistake ends with one line ``adamerge: error: ...`` on stderr and exit status 2.
 Configs are YAML; any ``--a.b value`` after the known options overrides ``a.b`` in the config.
@@ -37,7 +37,6 @@ def _overrides(extra: list[str]) -> list[tuple[str, object]]:
 def cmd_fit(args, extra) -> int:
     from adamerge.config import build_all, load_config
     from adamerge.errors import InputError
-    from adamerge.methods import create_method
     from adamerge.runs import RunFolder
     from adamerge.training import fit
 
@@ -58,7 +57,7 @@ def cmd_fit(args, extra) -> int:
         raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
     _check_method(cfg)
     parts = build_all(cfg)
-    create_method(cfg["method"]).validate(cfg, parts["model"])
+    _check_inputs(cfg, parts)
     if not args.resume:
         run.write_config(cfg)
     results = fit(
@@ -79,15 +78,37 @@ def _check_method(cfg: dict) -> None:
     """Method, options and solver options are valid (before anything is written)."""
     from adamerge.errors import InputError
     from adamerge.methods import create_method
-    from adamerge.solvers import create_solver
 
     method = create_method(cfg["method"])
     mcfg = method.config(cfg["options"])
-    for name, args, _ in method.solvers(mcfg):
-        create_solver(name, mcfg, args)
+    _solvers(method, mcfg)
     if method.uses_labels_with(mcfg) and not cfg.get("labeled"):
         raise InputError(f"method '{cfg['method']}' with objective '{mcfg.objective}' needs labels: give a labeled split"
                          " (config 'labeled:'); the scored streams are never trained on with labels")
+
+
+def _check_inputs(cfg: dict, parts: dict) -> None:
+    """What needs the built inputs (granularity against the model, batch size against the
+    streams, the method's own checks such as FW-Merging's pool), before anything is written."""
+    from adamerge.data import check_batch_size
+    from adamerge.granularity import make_grouping
+    from adamerge.methods import create_method
+
+    from adamerge.merged import MergedModel
+
+    MergedModel._check_keys(parts["model"], parts["tv"])  # the weights fit the architecture
+    method = create_method(cfg["method"])
+    mcfg = method.config(cfg["options"])
+    make_grouping(mcfg.granularity, {n: p.shape for n, p in parts["model"].named_parameters()}, seed=cfg["seed"])
+    if any(s.needs_data for s in _solvers(method, mcfg)) and mcfg.steps > 0:
+        check_batch_size(parts["streams"], mcfg.batch_size)
+    method.validate(cfg, parts["model"])
+
+
+def _solvers(method, mcfg) -> list:
+    from adamerge.solvers import create_solver
+
+    return [create_solver(name, mcfg, args) for name, args, _ in method.solvers(mcfg)]
 
 
 def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:
@@ -241,6 +262,25 @@ def cmd_demo(args, extra) -> int:
     return 0
 
 
+def cmd_ablate(args, extra) -> int:
+    from adamerge.ablate import parse_grid, parse_seeds, run_ablation
+
+    result = run_ablation(args.config, parse_grid(args.grid), parse_seeds(args.seeds), args.out,
+                          overrides=_overrides(extra), progress=not args.no_progress)
+    print((Path(args.out) / "ablation.md").read_text())
+    print(f"{len(result.rows)} of {result.total} runs finished ({result.fitted} fitted now, {result.skipped} reused);"
+          f" tables and plots in {args.out}")
+    return 1 if result.failed else 0
+
+
+def cmd_tune(args, extra) -> int:
+    from adamerge.tune import run_study
+
+    run_study(args.config, args.study, args.storage, args.trials, out=args.out, overrides=_overrides(extra),
+              progress=not args.no_progress)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adamerge", description="Learn how to merge fine-tuned models from unlabeled data.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -313,13 +353,31 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only these learned rows, ';'-separated (default: all; --quick: a fixed subset)")
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(fn=cmd_demo)
+
+    a = sub.add_parser("ablate", help="a grid of config options x seeds: one run folder per cell, a table and plots")
+    a.add_argument("--config", required=True)
+    a.add_argument("--grid", nargs="+", required=True, metavar="NAME=V1,V2",
+                   help="axes: granularity=task,layer solver=gradient,pgd lr=0.01,0.1 (bare names are options.NAME)")
+    a.add_argument("--seeds", default="0", help="comma-separated seeds (default 0)")
+    a.add_argument("--out", required=True, help="the ablation folder (a rerun continues it)")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(fn=cmd_ablate)
+
+    t = sub.add_parser("tune", help="an optuna study over the config's tune: search space (resumable)")
+    t.add_argument("--config", required=True)
+    t.add_argument("--study", required=True, help="the study's name in the storage")
+    t.add_argument("--storage", default="sqlite:///adamerge.db", help="an optuna storage URL (sqlite:///FILE or an RDB URL)")
+    t.add_argument("--trials", type=int, default=10, help="trials to add to the study")
+    t.add_argument("--out", default=None, help="trial run folders and the summary (default: tune-<study>)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=cmd_tune)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("fit", "eval", "inspect"):
+    if extra and args.command not in ("fit", "eval", "inspect", "ablate", "tune"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.fn(args, extra)

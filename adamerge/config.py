@@ -50,6 +50,8 @@ DEFAULTS: dict[str, Any] = {
     "cache_dir": None,  # cached expert predictions (expert_distill); default <run_dir>/cache
 }
 REQUIRED = ("model", "base", "experts", "heads", "data")
+OPTIONAL = ("labeled", "pool", "tune")  # sections without a default
+KNOWN_KEYS = tuple(DEFAULTS) + REQUIRED + OPTIONAL
 
 
 def parse_value(text: str) -> Any:
@@ -77,11 +79,18 @@ def load_config(path: str | Path, overrides: list[tuple[str, Any]] | None = None
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise InputError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
     if not isinstance(raw, dict):
         raise InputError(f"{path}: the top level must be a mapping")
+    from adamerge.registry import did_you_mean
+
+    for key in list(raw) + [k.split(".")[0] for k, _ in overrides or []]:
+        if key not in KNOWN_KEYS:
+            raise InputError(f"{path}: unknown config key '{key}'{did_you_mean(key, list(KNOWN_KEYS))}; known: {sorted(KNOWN_KEYS)}")
     cfg = copy.deepcopy(DEFAULTS)
     for key, value in raw.items():
         cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) and isinstance(value, dict) else value
@@ -219,7 +228,21 @@ def build_all(cfg: dict) -> dict:
     labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None
     if labeled and sorted(s.name for s in labeled) != sorted(tasks):
         raise InputError(f"labeled tasks {sorted(s.name for s in labeled)} do not match experts {sorted(tasks)}")
+    check_labels(heads, streams + (labeled or []))
     return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": tasks, "labeled": labeled}
+
+
+def check_labels(heads: dict, streams: list) -> None:
+    """Every label a stream carries is a class of its task's head (else accuracy would be wrong)."""
+    for s in streams:
+        labels = s.labels()
+        if labels is None or len(labels) == 0:
+            continue
+        classes = heads[s.name].num_classes
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or high >= classes:
+            raise InputError(f"task '{s.name}': labels in {s.source} range over [{low}, {high}], but its head has"
+                             f" {classes} classes (a head or data file of another task?)")
 
 
 def dump_config(cfg: dict) -> str:

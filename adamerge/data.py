@@ -125,6 +125,15 @@ def stream_from_folder(name: str, root: str | Path, transform: Callable) -> Task
     return TaskStream(name, _Folder(), classes, str(root))
 
 
+def check_batch_size(streams: Sequence[TaskStream], batch_size: int) -> None:
+    """A training batch draws ``batch_size`` samples per task: a smaller stream is an error
+    (it would repeat samples within one batch)."""
+    for s in streams:
+        if len(s) < batch_size:
+            raise InputError(f"task '{s.name}' has {len(s)} samples in {s.source}, fewer than options.batch_size"
+                             f" {batch_size}; lower the batch size or give more data")
+
+
 def _seed_for(*parts: object) -> int:
     digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)

@@ -136,7 +136,10 @@ def _rules(spec_rules: Sequence, names: Sequence[str]) -> list[str]:
         for regex, group in compiled:
             m = regex.search(name)
             if m:
-                labels.append(m.expand(group))
+                try:
+                    labels.append(m.expand(group))
+                except (re.error, IndexError) as err:  # e.g. \\1 in a regex without a group
+                    raise InputError(f"granularity rule [{regex.pattern!r}, {group!r}]: bad group name: {err}") from None
                 break
         else:
             raise InputError(
@@ -177,8 +180,11 @@ def make_grouping(spec: Spec, shapes: dict[str, torch.Size], seed: int = 0) -> G
         if mode == "atlas":
             return _atlas_partition(spec, shapes, r, seed)
         return _partition(spec, shapes, r, mode == "random", seed)
+    from adamerge.registry import did_you_mean
+
     raise InputError(
-        f"unknown granularity '{spec}': use task, block, layer, partition:R or a list of rules"
+        f"unknown granularity '{spec}'{did_you_mean(spec, ['task', 'block', 'layer', 'partition:4'])}:"
+        " use task, block, layer, partition:R or a list of rules"
     )
 
 

@@ -177,6 +177,7 @@ class MergedModel(nn.Module):
     # ------------------------------------------------------------------ validation
     @staticmethod
     def _check_keys(model: nn.Module, tv: TaskVectors) -> None:
+        """The task vectors' base state fits ``model`` key for key and shape for shape."""
         sd = model.state_dict()
         for key in sd:
             if key not in tv.base:

@@ -37,7 +37,7 @@ class Progress:
     def _line(self) -> str:
         pct = 100.0 * self.done / self.total if self.total else 100.0
         rate = (self.done - self._first) / max(time.perf_counter() - self._start, 1e-9)
-        line = f"[{self.desc}] {self.done}/{self.total} {self.unit} ({pct:.0f}%, {rate:.1f} {self.unit}/s)"
+        line = f"[{self.desc}] {self.done}/{self.total} {self.unit} ({pct:.0f}%, {rate:.3g} {self.unit}/s)"
         return f"{line} {self.note}" if self.note else line
 
     def update(self, n: int = 1) -> None:

@@ -6,13 +6,14 @@ non-persistent buffers and the heads are dropped.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -21,9 +22,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
-from adamerge.data import StepBatch, StepBatches, TaskStream, images_layout, strong_view
+from adamerge.data import StepBatch, StepBatches, TaskStream, check_batch_size, images_layout, strong_view
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
 from adamerge.merged import MergedModel
@@ -264,6 +266,8 @@ def fit(
     if sorted(names) != sorted(tasks):
         raise InputError(f"data streams {names} do not match the experts' tasks {tasks}")
     streams = sorted(streams, key=lambda s: tasks.index(s.name))
+    if any(s.needs_data for s in stages) and cfg.steps > 0:
+        check_batch_size(streams, cfg.batch_size)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     run.path.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
@@ -311,11 +315,18 @@ def fit(
                 warnings.filterwarnings("ignore", ".*manual optimization and every_n_train_steps.*")
                 # the loader starts at the restored global_step (StepDataModule): it is resumable
                 warnings.filterwarnings("ignore", ".*dataloader is not resumable.*")
-                trainer.fit(
-                    module,
-                    datamodule=StepDataModule(data.streams, cfg.batch_size, steps, seed, solver.batches_per_step, data.pools, data.mix),
-                    ckpt_path=str(ckpt_dir / "last.ckpt") if resuming else None,
-                )
+                try:
+                    trainer.fit(
+                        module,
+                        datamodule=StepDataModule(data.streams, cfg.batch_size, steps, seed, solver.batches_per_step, data.pools, data.mix),
+                        ckpt_path=str(ckpt_dir / "last.ckpt") if resuming else None,
+                    )
+                except SystemExit:
+                    # Lightning turns Ctrl-C into exit(1) after its own clean-up: report it as the
+                    # interruption it is (the CLI says how to resume and exits 130)
+                    if trainer.interrupted:
+                        raise KeyboardInterrupt from None
+                    raise
             if not trainer.is_global_zero:
                 return {}
             merged = module.merged.cpu()
@@ -388,17 +399,64 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)  # no GPU/TPU banners, no tips
 
 
+_EXTRA_CALLBACKS: list = []
+
+
+@contextlib.contextmanager
+def extra_trainer_callbacks(*callbacks) -> Iterator[None]:
+    """Add Lightning callbacks to every trainer ``fit`` builds inside the block (e.g. a tuning
+    study's pruning callback)."""
+    _EXTRA_CALLBACKS.extend(callbacks)
+    try:
+        yield
+    finally:
+        for cb in callbacks:
+            _EXTRA_CALLBACKS.remove(cb)
+
+
+class LineProgressBar(ProgressBar):
+    """Lightning's progress as one plain line every ``every_percent`` of the steps (with the
+    loss), for output that is not a terminal: a CI log gets a few lines, not thousands of
+    carriage-return bar redraws."""
+
+    def __init__(self, every_percent: float = 5.0, stream=None) -> None:
+        super().__init__()
+        self.every_percent, self.stream, self._enabled, self._bar = every_percent, stream, True, None
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from adamerge.progress import Progress
+
+        self._bar = Progress(trainer.max_steps, "fit", enabled=self._enabled and trainer.is_global_zero,
+                             every_percent=self.every_percent, unit="steps", stream=self.stream or sys.stderr,
+                             initial=trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._bar is None or trainer.global_step <= self._bar.done:
+            return
+        loss = trainer.callback_metrics.get("loss")
+        self._bar.note = "" if loss is None else f"loss {float(loss):.4g}"
+        self._bar.update(trainer.global_step - self._bar.done)
+
+
 def _trainer(run: RunFolder, ckpt_dir: Path, steps: int, progress: bool, trainer_options: dict | None,
              checkpoint_every: int) -> L.Trainer:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
     opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
+    # not a terminal (CI, a log file): plain lines every few percent instead of Lightning's bar
+    lines = [LineProgressBar()] if progress and not sys.stderr.isatty() else []
     return L.Trainer(
         max_steps=steps,
         max_epochs=-1,
         logger=_loggers(run.path, run.next_log_version()),  # one log version per attempt and stage
-        callbacks=[ckpt],
+        callbacks=[ckpt, *lines, *_EXTRA_CALLBACKS],
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=1,

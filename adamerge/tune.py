@@ -357,7 +357,7 @@ def run_study(config: str | Path, study_name: str, storage: str, trials: int, *,
     if recorded is not None and recorded != spec.describe():
         raise InputError(f"study '{study_name}' is scored by {recorded}; this config scores by {spec.describe()}: use another --study")
     study.set_user_attr("score", spec.describe())
-    fail_dead_trials(study, say)
+    fail_dead_trials(study, lambda msg: print(msg, file=sys.stderr, flush=True))  # shown even with --no-progress
     study.sampler = optuna.samplers.TPESampler(seed=int(base["seed"]) + len(study.trials))
     study.pruner = (optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=spec.report_every)
                     if spec.pruner == "median" else optuna.pruners.NopPruner())

@@ -1,0 +1,221 @@
+"""Reliability: every bad input gets one clear line, exit status 2, no traceback and nothing
+written; interrupted runs (SIGINT, SIGKILL at random points) resume to the uninterrupted result;
+generated configs and granularity rules are accepted or refused cleanly (hypothesis)."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
+
+from adamerge.cli import main
+from adamerge.errors import InputError
+from helpers import write_config
+
+
+def _tensor_file(path: Path, tensors: dict) -> str:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return str(path)
+
+
+def _expert_variant(zoo: Path, tmp: Path, name: str, change) -> str:
+    sd = dict(load_file(str(zoo / "experts" / "task0.safetensors")))
+    change(sd)
+    return _tensor_file(tmp / f"{name}.safetensors", sd)
+
+
+def _first_float(sd: dict) -> str:
+    return next(k for k, v in sd.items() if v.is_floating_point() and v.dim() >= 1)
+
+
+def _set_nan(sd: dict, value: float) -> None:
+    k = _first_float(sd)
+    sd[k] = sd[k].clone()
+    sd[k].view(-1)[0] = value
+
+
+def _cases(zoo: Path, tmp: Path) -> dict:
+    """name -> (config changes, the words the one error line must contain)."""
+    data0 = load_file(str(zoo / "data" / "task0.safetensors"))
+    head0 = load_file(str(zoo / "heads" / "task0.safetensors"))
+    raw = (zoo / "experts" / "task0.safetensors").read_bytes()
+    (tmp / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    (tmp / "garbage.safetensors").write_bytes(os.urandom(4096))
+    (tmp / "empty_dir").mkdir()
+    return {
+        "truncated expert": ({"experts.task0": str(tmp / "truncated.safetensors")}, ["truncated"]),
+        "corrupt expert": ({"experts.task0": str(tmp / "garbage.safetensors")}, ["corrupt"]),
+        "missing expert file": ({"experts.task0": str(tmp / "absent.safetensors")}, ["absent.safetensors"]),
+        "missing key": ({"experts.task0": _expert_variant(zoo, tmp, "missing", lambda sd: sd.pop(_first_float(sd)))}, ["missing key"]),
+        "extra key": ({"experts.task0": _expert_variant(zoo, tmp, "extra", lambda sd: sd.update({"extra.weight": torch.zeros(2)}))}, ["unexpected key 'extra.weight'"]),
+        "shape mismatch": ({"experts.task0": _expert_variant(zoo, tmp, "shape", lambda sd: sd.update({_first_float(sd): torch.zeros(3)}))}, ["shape"]),
+        "dtype mismatch": ({"experts.task0": _expert_variant(zoo, tmp, "dtype", lambda sd: sd.update({_first_float(sd): sd[_first_float(sd)].double()}))}, ["dtype"]),
+        "nan weights": ({"experts.task0": _expert_variant(zoo, tmp, "nan", lambda sd: _set_nan(sd, float("nan")))}, ["non-finite", "nan.safetensors"]),
+        "inf weights": ({"experts.task0": _expert_variant(zoo, tmp, "inf", lambda sd: _set_nan(sd, float("inf")))}, ["non-finite", "inf.safetensors"]),
+        "another architecture": ({"model.source": "tiny_cnn"}, ["missing"]),
+        "empty tensors file": ({"data.task0": {"tensors": _tensor_file(tmp / "empty.safetensors", {"x": torch.zeros(0, 3, 16, 16)})}}, ["empty"]),
+        "tensors file without x": ({"data.task0": {"tensors": _tensor_file(tmp / "nox.safetensors", {"y": data0["y"]})}}, ["'x'"]),
+        "empty data folder": ({"data.task0": {"folder": str(tmp / "empty_dir")}}, ["task0"]),
+        "fewer samples than a batch": ({"data.task0": {"tensors": _tensor_file(tmp / "small.safetensors", {"x": data0["x"][:5], "y": data0["y"][:5]})}}, ["5 samples", "batch_size"]),
+        "task names disagree": ({"heads": {"task0": str(zoo / "heads" / "task0.safetensors"), "task1": str(zoo / "heads" / "task1.safetensors"), "taskX": str(zoo / "heads" / "task2.safetensors")}}, ["taskX"]),
+        "head classes disagree with data": ({"heads.task0": _tensor_file(tmp / "head2.safetensors", {"weight": head0["weight"][:2], "bias": head0["bias"][:2]})}, ["2 classes"]),
+        "misspelled method": ({"method": "adamergin"}, ["did you mean 'adamerging'"]),
+        "misspelled solver": ({"options.solver": "pgdd"}, ["did you mean 'pgd'"]),
+        "misspelled granularity": ({"options.granularity": "layr"}, ["did you mean 'layer'"]),
+        "misspelled objective": ({"options.objective": "entropyy"}, ["did you mean 'entropy'"]),
+        "misspelled option": ({"options.stepz": 3}, ["did you mean 'steps'"]),
+        "misspelled config key": ({"optoins": {"steps": 2}}, ["did you mean 'options'"]),
+        "negative steps": ({"options.steps": -3}, ["'steps'"]),
+        "non-numeric lr": ({"options.lr": "fast"}, ["'lr'"]),
+        "bounds lo > hi": ({"options.bounds": [1.0, 0.0]}, ["lo <= hi"]),
+        "density outside (0, 1]": ({"options.ties_density": 1.5}, ["ties_density"]),
+        "misspelled solver option": ({"options.solver_args": {"schedul": "cosine"}}, ["did you mean 'schedule'"]),
+        "non-text config": (None, ["not a text file"]),
+    }
+
+
+def test_every_bad_input_gets_one_line_exit_2_and_leaves_nothing(tiny_zoo_dir, tmp_path, capsys):
+    cases = _cases(tiny_zoo_dir, tmp_path)
+    for name, (changes, words) in cases.items():
+        folder = tmp_path / name.replace(" ", "_")
+        if changes is None:  # a binary file given as the config
+            folder.mkdir()
+            config = folder / "config.yaml"
+            config.write_bytes(b"\x88\x00\xff" * 10)
+        else:
+            config = write_config(folder, tiny_zoo_dir, **{"options.steps": 2, **changes})
+        capsys.readouterr()
+        rc = main(["fit", "--config", str(config), "--no-progress", "--run-dir", str(folder / "run")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2, name
+        assert len(err) == 1 and err[0].startswith("adamerge: error: "), (name, err)
+        assert all(w in err[0] for w in words), (name, err[0])
+        assert not (folder / "run").exists(), f"{name}: a run folder was written"
+    assert len(cases) >= 25
+
+
+def test_export_refuses_an_occupied_folder_and_an_unfinished_run(tiny_zoo_dir, tmp_path, capsys):
+    config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 2})
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert main(["fit", "--config", str(config), "--no-progress"]) == 0
+    assert main(["export", str(tmp_path / "run"), str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    (tmp_path / "run" / "results.json").unlink()  # as if fit had been killed before its end
+    assert main(["export", str(tmp_path / "run"), str(tmp_path / "out2")]) == 2
+    assert main(["eval", "--run", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "out2").exists()
+    assert "not a finished run" in capsys.readouterr().err
+
+
+def test_the_api_names_the_tensor_and_the_file(tiny_zoo_dir, tmp_path):
+    from adamerge.task_vectors import TaskVectors
+
+    bad = _expert_variant(tiny_zoo_dir, tmp_path, "nan", lambda sd: _set_nan(sd, float("nan")))
+    key = _first_float(load_file(bad))
+    with pytest.raises(InputError, match=f"{bad}: tensor '{key}' has non-finite values"):
+        TaskVectors.from_files(tiny_zoo_dir / "base.safetensors", {"a": bad, "b": tiny_zoo_dir / "experts" / "task1.safetensors"})
+
+
+def test_images_that_fail_to_decode_are_named(tmp_path):
+    from PIL import Image
+
+    from adamerge.data import stream_from_folder
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "ok.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
+    stream = stream_from_folder("t", tmp_path, lambda im: torch.zeros(3, 8, 8))
+    with pytest.raises(InputError, match="broken.png"):
+        stream.inputs(torch.arange(len(stream)))
+
+
+# ---------------------------------------------------------------------------------- interruptions
+def _fit_process(config: Path, *extra: str) -> subprocess.Popen:
+    code = "import sys; from adamerge.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", code, "fit", "--config", str(config), "--no-progress", *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_killing_fit_at_a_random_point_then_resuming_gives_the_uninterrupted_coefficients(tiny_zoo_dir, tmp_path, how):
+    changes = {"options.steps": 60, "checkpoint_every": 5}
+    ref = write_config(tmp_path / "ref", tiny_zoo_dir, **changes)
+    assert main(["fit", "--config", str(ref), "--no-progress"]) == 0
+    cut = write_config(tmp_path / "cut", tiny_zoo_dir, **changes)
+    proc = _fit_process(cut)
+    last = tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(random.Random(f"{how}-{os.getpid()}").uniform(0.0, 1.5))  # somewhere after the first checkpoint
+    proc.send_signal(getattr(signal, how))
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:  # it finished before the signal: nothing to resume, nothing to compare
+        pytest.skip("the run finished before the signal arrived")
+    assert not (tmp_path / "cut" / "run" / "results.json").exists()
+    if how == "SIGINT":
+        assert proc.returncode == 130 and "fit --resume continues" in err
+    assert main(["fit", "--config", str(cut), "--resume", "--no-progress"]) == 0
+    a = load_file(str(tmp_path / "ref" / "run" / "coefficients.safetensors"))["coefficients"]
+    b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]
+    assert torch.allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------- properties
+_names = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "transformer.resblocks.1.mlp.c_fc.bias", "ln_post.weight", "proj"]
+_shapes = {n: torch.Size(s) for n, s in zip(_names, [(4, 3, 2, 2), (6, 2), (8,), (2,), (2, 3)])}
+
+
+@settings(max_examples=60, deadline=None)
+@given(spec=st.one_of(
+    st.sampled_from(["task", "block", "layer", "partition:2", "partition:3:random", "partition:2:atlas"]),
+    st.text(max_size=12),
+    st.builds(lambda r, m: f"partition:{r}{m}", st.integers(-2, 9), st.sampled_from(["", ":random", ":atlas", ":x", ":1:2"])),
+    st.lists(st.tuples(st.sampled_from([".*", "conv", "resblocks\\.(\\d+)", "(", "ln_", "[a-z]+"]),
+                       st.sampled_from(["g", "rest", "block\\1", ""])), max_size=3),
+    st.integers(), st.none(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+))
+def test_any_granularity_is_a_valid_grouping_or_one_clear_error(spec):
+    from adamerge.granularity import make_grouping
+
+    try:
+        g = make_grouping(spec, _shapes, seed=0)
+    except InputError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert g.num_groups >= 1 and len(g.group_names) == g.num_groups
+    sizes = g.group_sizes(_shapes)
+    assert sum(sizes) == sum(s.numel() for s in _shapes.values())  # every element in exactly one group
+
+
+_values = st.one_of(st.integers(-5, 1000), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
+                    st.booleans(), st.none(), st.lists(st.floats(-2, 2), max_size=3))
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(options=st.dictionaries(st.sampled_from(["steps", "lr", "init", "batch_size", "bounds", "total", "constraint",
+                                                "optimizer", "grad_clip", "ties_density", "weight_decay", "solver",
+                                                "objective", "stepz", "buffer_policy"]), _values, max_size=4),
+       method=st.sampled_from(["adamerging", "atlas", "concrete_adamerging", "doge", "t3", "fw_merging"]))
+def test_any_generated_method_options_are_accepted_or_refused_in_one_line(options, method):
+    from adamerge.methods import create_method
+
+    try:
+        cfg = create_method(method).config(options)
+    except InputError as err:
+        assert str(err) and "\n" not in str(err)
+        return
+    assert cfg.steps >= 0 and cfg.batch_size >= 1 and cfg.lr > 0
+    assert cfg.bounds[0] <= cfg.bounds[1]
