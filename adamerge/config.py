@@ -29,6 +29,7 @@ Schema (paths are relative to the config file)::
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,6 +53,7 @@ DEFAULTS: dict[str, Any] = {
 REQUIRED = ("model", "base", "experts", "heads", "data")
 OPTIONAL = ("labeled", "pool", "tune")  # sections without a default
 KNOWN_KEYS = tuple(DEFAULTS) + REQUIRED + OPTIONAL
+TASK_NAME = re.compile(r"[A-Za-z0-9_.+-]+")
 
 
 def parse_value(text: str) -> Any:
@@ -203,6 +205,9 @@ def build_streams(cfg: dict, transform: Callable | None, section: str = "data") 
 def check_tasks(cfg: dict) -> list[str]:
     """The task names, identical across experts, heads and data (else a clear error)."""
     tasks = list(cfg["experts"])
+    for t in tasks:  # task names become file names (caches, exports): no path can hide in one
+        if not isinstance(t, str) or not TASK_NAME.fullmatch(t) or t.startswith("."):
+            raise InputError(f"task name {t!r} must be letters, digits and _ . + - (it names files), not start with '.'")
     for section in ("heads", "data"):
         names = list(cfg[section])
         if sorted(names) != sorted(tasks):

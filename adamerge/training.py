@@ -320,6 +320,7 @@ def fit(
                         module,
                         datamodule=StepDataModule(data.streams, cfg.batch_size, steps, seed, solver.batches_per_step, data.pools, data.mix),
                         ckpt_path=str(ckpt_dir / "last.ckpt") if resuming else None,
+                        weights_only=True,  # a checkpoint is read without unpickling code
                     )
                 except SystemExit:
                     # Lightning turns Ctrl-C into exit(1) after its own clean-up: report it as the
@@ -327,6 +328,10 @@ def fit(
                     if trainer.interrupted:
                         raise KeyboardInterrupt from None
                     raise
+                except NonFiniteLossError as err:  # stop; the checkpoints hold the last finite coefficients
+                    kept = ckpt_dir / "last.ckpt"
+                    where = f"the last good coefficients are in {kept}" if kept.exists() else "no checkpoint was reached yet"
+                    raise NonFiniteLossError(f"{err}; training stopped and {where} (lower options.lr, or check the data)") from None
             if not trainer.is_global_zero:
                 return {}
             merged = module.merged.cpu()

@@ -80,6 +80,9 @@ def _cases(zoo: Path, tmp: Path) -> dict:
         "density outside (0, 1]": ({"options.ties_density": 1.5}, ["ties_density"]),
         "misspelled solver option": ({"options.solver_args": {"schedul": "cosine"}}, ["did you mean 'schedule'"]),
         "non-text config": (None, ["not a text file"]),
+        "a task name that is a path": ({"experts": {"../escape": str(zoo / "experts" / "task0.safetensors"),
+                                                    "task1": str(zoo / "experts" / "task1.safetensors"),
+                                                    "task2": str(zoo / "experts" / "task2.safetensors")}}, ["'../escape'"]),
     }
 
 
@@ -219,3 +222,41 @@ def test_any_generated_method_options_are_accepted_or_refused_in_one_line(option
         return
     assert cfg.steps >= 0 and cfg.batch_size >= 1 and cfg.lr > 0
     assert cfg.bounds[0] <= cfg.bounds[1]
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_coefficients(tiny_zoo_dir, tmp_path, monkeypatch, capsys):
+    from adamerge.training import MergeModule
+
+    original = MergeModule.task_losses
+
+    def poisoned(self, batch):
+        losses = original(self, batch)
+        if self.global_step == 7:
+            losses["task1"] = losses["task1"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(MergeModule, "task_losses", poisoned)
+    config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 20, "checkpoint_every": 3})
+    assert main(["fit", "--config", str(config), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "non-finite loss at step 7" in err[0] and "task1" in err[0] and "last good coefficients" in err[0]
+    run = tmp_path / "run"
+    assert not (run / "results.json").exists()
+    state = torch.load(str(run / "checkpoints" / "last.ckpt"), map_location="cpu", weights_only=False)
+    assert state["global_step"] == 6 and torch.isfinite(state["state_dict"]["merged.coefficients"]).all()
+
+
+def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_zoo_dir, tmp_path, monkeypatch):
+    import adamerge.export as export
+
+    config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 2})
+    assert main(["fit", "--config", str(config), "--no-progress"]) == 0
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(export, "write_heads", crash)  # after model.safetensors, before the metadata
+    with pytest.raises(KeyboardInterrupt):
+        export.export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no temporary folder left
