@@ -268,6 +268,12 @@ def fit(
     streams = sorted(streams, key=lambda s: tasks.index(s.name))
     if any(s.needs_data for s in stages) and cfg.steps > 0:
         check_batch_size(streams, cfg.batch_size)
+    from adamerge.config import check_labels
+
+    missing = [s.name for s in streams if s.name not in heads]
+    if missing:
+        raise InputError(f"no head for task '{missing[0]}' (heads given for {sorted(heads)})")
+    check_labels(heads, list(streams) + list(labeled or []))
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     run.path.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)

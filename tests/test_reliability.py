@@ -260,3 +260,19 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_zoo_dir
         export.export_run(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no temporary folder left
+
+
+def test_the_python_api_checks_what_the_command_line_checks(tiny_zoo_dir, tmp_path):
+    from adamerge.config import build_all, load_config
+    from adamerge.data import LinearHead, stream_from_tensors
+    from adamerge.training import fit
+
+    parts = build_all(load_config(write_config(tmp_path, tiny_zoo_dir)))
+    small = [stream_from_tensors(s.name, s.dataset.x[:4], s.dataset.y[:4]) for s in parts["streams"]]
+    with pytest.raises(InputError, match="fewer than options.batch_size"):
+        fit(tmp_path / "a", parts["model"], parts["tv"], parts["heads"], small, options={"steps": 2}, progress=False)
+    heads = dict(parts["heads"])
+    heads["task0"] = LinearHead(heads["task0"].weight[:2], heads["task0"].bias[:2])
+    with pytest.raises(InputError, match="2 classes"):
+        fit(tmp_path / "b", parts["model"], parts["tv"], heads, parts["streams"], options={"steps": 2}, progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
