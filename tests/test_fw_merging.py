@@ -188,3 +188,14 @@ def test_bad_pools_are_refused_before_anything_is_written(tiny_zoo_dir, tmp_path
     for bad in ({"oracle": "best"}, {"iterations": -1}, {"soft_k": 1}, {"step_size": 5.0, "scale": 1.0}):
         with pytest.raises(InputError):
             FWOptions(**bad)
+
+
+def test_fw_merging_with_labeled_cross_entropy_says_it_uses_labels(tiny_zoo_dir, tmp_path):
+    labeled = {t: {"tensors": str(tiny_zoo_dir / "data" / f"{t}.safetensors")} for t in TASKS}
+    cfg = _pool_config(tmp_path, tiny_zoo_dir, labeled=labeled, options={
+        "objective": "cross_entropy", "method_args": {"iterations": 2}, "batch_size": 16})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["uses_labels"] is True and len(results["fw_merging"]["history"]) == 2
+    unlabeled = _pool_config(tmp_path / "nolabels", tiny_zoo_dir, options={"objective": "cross_entropy"})
+    assert main(["fit", "--config", str(unlabeled), "--no-progress"]) == 2  # no labeled split: refused
