@@ -244,10 +244,10 @@ class _Parts:
 
 def fit_cell(cfg: dict, parts: dict, *, resume: bool, progress: bool) -> dict:
     """``fit`` of one resolved config, exactly as ``adamerge fit`` calls it."""
-    from adamerge.methods import create_method
+    from adamerge.cli import _check_inputs
     from adamerge.training import fit
 
-    create_method(cfg["method"]).validate(cfg, parts["model"])
+    _check_inputs(cfg, parts)
     return fit(
         cfg["run_dir"], parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
         seed=cfg["seed"], resume=resume, progress=progress, trainer_options=cfg["trainer"],
