@@ -102,7 +102,7 @@ DATA_FREE_GRIDS = ("task_arithmetic", "ties", "consensus", "breadcrumbs", "dare"
 DATA_FREE_FIXED = {"lines(beta=0.5)": "lines", "fisher(lam=1)": "fisher"}
 # One fixed choice for every run (chosen on seeds 0-2, checked on held-out seeds; README).
 RECOMMENDED = "adamerging(layer,infomax,floor=0.9)"
-# ``--quick`` runs these rows only (it must stay under 3 minutes on 2 cores)
+# ``--quick`` runs these rows only (the test suite runs it: keep it to a few minutes on 2 cores)
 QUICK_ROWS = [
     "adamerging(task)", "adamerging(layer)", "adamerging(block)", "adamerging++(layer)", RECOMMENDED,
     "adamerging(layer,infomax,floor=0.9,pgd-simplex)", "adamerging(layer,infomax,floor=0.9,fw-simplex)", "doge",
