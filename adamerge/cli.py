@@ -281,9 +281,19 @@ def cmd_tune(args, extra) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's error format: one line ``adamerge: error: ...``, exit 2
+    (``--help`` shows the usage)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"adamerge: error: {self.prog.removeprefix('adamerge ')}: {message} (see --help)"
+              if self.prog != "adamerge" else f"adamerge: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adamerge", description="Learn how to merge fine-tuned models from unlabeled data.")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="adamerge", description="Learn how to merge fine-tuned models from unlabeled data.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     f = sub.add_parser("fit", help="train merge coefficients on unlabeled streams (writes a run folder)")
     f.add_argument("--config", required=True)

@@ -276,3 +276,12 @@ def test_the_python_api_checks_what_the_command_line_checks(tiny_zoo_dir, tmp_pa
     with pytest.raises(InputError, match="2 classes"):
         fit(tmp_path / "b", parts["model"], parts["tv"], heads, parts["streams"], options={"steps": 2}, progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv", [["nonsense"], ["fit"], ["eval", "--method", "nope"], ["predict", "a", "b"], ["demo", "--quick", "extra"]])
+def test_command_line_mistakes_are_one_line_too(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("adamerge: error: ")
