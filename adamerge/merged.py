@@ -9,6 +9,7 @@ non-persistent buffer, so ``state_dict()`` (and a Lightning checkpoint) holds ki
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Iterable, Mapping
@@ -171,6 +172,7 @@ class MergedModel(nn.Module):
                 raise InputError("simplex coefficients need a positive init")
             init_t = init_t.log()
         self.coefficients = nn.Parameter(init_t)
+        self._fixed: dict[str, Tensor] | None = None  # see fixed_parameters
         self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
         self.mask_set: nn.Module | None = None  # learnable masks (adamerge.masks.ConcreteMasks)
 
@@ -272,8 +274,18 @@ class MergedModel(nn.Module):
         return out
 
     def forward(self, *args, **kwargs):
-        state = {**self.merged_parameters(), **self.current_buffers()}
-        return functional_call(self._arch, state, args, kwargs)
+        params = self._fixed if self._fixed is not None else self.merged_parameters()
+        return functional_call(self._arch, {**params, **self.current_buffers()}, args, kwargs)
+
+    @contextlib.contextmanager
+    def fixed_parameters(self, params: dict[str, Tensor]):
+        """Inside the block the forward uses ``params`` (e.g. leaves detached from one merge, so
+        that each task's forward and backward stops at the merged weights) instead of merging."""
+        self._fixed = params
+        try:
+            yield
+        finally:
+            self._fixed = None
 
     @torch.no_grad()
     def stacked_parameters(self, coefficients: Tensor) -> dict[str, Tensor]:

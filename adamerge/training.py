@@ -124,7 +124,10 @@ class MergeModule(L.LightningModule):
 
     def batch_loss(self, batch: Mapping[str, Tensor], check: bool = True) -> tuple[Tensor, dict[str, Tensor]]:
         """The summed objective over tasks and the per-task values (error on a non-finite one)."""
-        losses = self.task_losses(batch)
+        if self.cfg.micro_batch and self.target_kind != "views" and not self.augment:
+            losses = self._micro_batch_losses(batch, check)
+        else:
+            losses = self.task_losses(batch)
         loss = torch.stack(list(losses.values())).sum()
         if self.regularizer is not None:
             penalty = self.regularizer(self.merged)
@@ -135,6 +138,33 @@ class MergeModule(L.LightningModule):
             bad = [n for n, v in losses.items() if not torch.isfinite(v)]
             raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) {bad}")
         return loss, losses
+
+    def _micro_batch_losses(self, batch, check: bool) -> dict[str, Tensor]:
+        """``options.micro_batch``: merge once, then each task's forward and backward alone against
+        leaves detached from the merged weights (one task's activations alive at a time), then a
+        surrogate whose gradient is the true one: ``Σ_k <θ_k(λ), G_k>`` with G_k the accumulated
+        gradient of the merged tensor k, so the solver's ONE backward runs through the merge once.
+        Without gradients (a line search's evaluations) it is the plain per-task forward."""
+        inputs, index = (batch.inputs, batch.index) if isinstance(batch, StepBatch) else (batch, None)
+        theta = self.merged.merged_parameters()
+        leaves = {k: v.detach().requires_grad_(torch.is_grad_enabled()) for k, v in theta.items()}
+        values: dict[str, Tensor] = {}
+        with self.merged.fixed_parameters(leaves):
+            for n in inputs:
+                one = StepBatch({n: inputs[n]}, {n: index[n]}) if index is not None else {n: inputs[n]}
+                value = self.task_losses(one)[n]
+                if check and not torch.isfinite(value):
+                    raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) ['{n}']")
+                if torch.is_grad_enabled():
+                    value.backward()
+                values[n] = value.detach()
+        self._batch_n = sum(x.shape[0] for x in inputs.values())
+        if not torch.is_grad_enabled():
+            return values
+        surrogate = sum((theta[k] * leaves[k].grad).sum() for k in theta if leaves[k].grad is not None)
+        # each task's exact value; the first entry also carries the whole gradient (value + 0)
+        first = next(iter(values))
+        return {n: v + (surrogate - surrogate.detach()).to(v.dtype) if n == first else v for n, v in values.items()}
 
     def log_step(self, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
         """Per-task losses, the total and coefficient statistics (before this step's update)."""

@@ -59,6 +59,7 @@ class MethodConfig:
     grad_clip: float | None = None
     steps: int = 500
     batch_size: int = 16
+    micro_batch: bool = False  # per task: forward + backward to the merged weights, then ONE backward through the merge
     ties_density: float | None = None
     preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"
@@ -94,6 +95,8 @@ class MethodConfig:
             if self.ties_density is not None:
                 raise InputError("set either 'ties_density' or 'preprocess', not both (ties_density d = preprocess {merge: ties, density: d})")
             merge_request(self.preprocess, "preprocess")
+        if not isinstance(self.micro_batch, bool):
+            raise InputError(f"option 'micro_batch' must be true or false, got {self.micro_batch!r}")
         if self.constraint not in CONSTRAINTS:
             raise InputError(f"option 'constraint' must be one of {list(CONSTRAINTS)}, got {self.constraint!r}{did_you_mean(self.constraint, list(CONSTRAINTS))}")
         if not (isinstance(self.bounds, tuple) and len(self.bounds) == 2):

@@ -1,0 +1,92 @@
+"""``options.micro_batch``: each task's forward and backward alone against the merged weights,
+then one backward through the merge, gives the batched path's loss and gradient, and keeps one
+task's activations alive at a time."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adamerge.data import LinearHead, StepBatch
+from adamerge.merged import MergedModel
+from adamerge.methods import create_method
+from adamerge.solvers import create_solver
+from adamerge.task_vectors import TaskVectors
+from adamerge.training import MergeModule
+
+
+def _module(make_zoo, micro: bool, granularity: str, objective: str, dtype=torch.float64):
+    model, base, experts = make_zoo("vit", 3)
+    model = copy.deepcopy(model).to(dtype)
+    tv = TaskVectors.from_state_dicts({k: v.to(dtype) for k, v in base.items()},
+                                      {n: {k: v.to(dtype) for k, v in sd.items()} for n, sd in experts.items()},
+                                      dtype={torch.float64: "float64", torch.float32: "float32"}[dtype])
+    cfg = create_method("adamerging").config({"granularity": granularity, "objective": objective, "micro_batch": micro})
+    merged = MergedModel(model, tv, granularity, init=0.3, clamp=None)
+    merged.coefficients.data += 0.05 * torch.randn(merged.coefficients.shape, generator=torch.Generator().manual_seed(0), dtype=merged.coefficients.dtype)
+    gen = torch.Generator().manual_seed(1)
+    heads = {n: LinearHead(torch.randn(4, 16, generator=gen, dtype=dtype)) for n in tv.task_names}
+    return MergeModule(merged, heads, cfg, create_solver("gradient", cfg)), tv.task_names
+
+
+@pytest.mark.parametrize("granularity", ["task", "layer", "partition:2"])
+@pytest.mark.parametrize("objective", ["entropy", "infomax"])
+def test_micro_batch_gives_the_batched_loss_and_gradient(make_zoo, inputs, granularity, objective):
+    out = {}
+    for micro in (False, True):
+        module, tasks = _module(make_zoo, micro, granularity, objective)
+        batch = StepBatch({n: torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+                           for i, n in enumerate(tasks)}, {n: torch.arange(5) for n in tasks})
+        loss, losses = module.batch_loss(batch)
+        loss.backward()
+        out[micro] = (loss.detach(), {n: v.detach() for n, v in losses.items()}, module.merged.coefficients.grad.clone())
+    # the objectives compute in float32: equal to its rounding
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6)
+    for n in out[False][1]:
+        assert torch.allclose(out[True][1][n], out[False][1][n], atol=1e-6)
+    assert torch.allclose(out[True][2], out[False][2], rtol=1e-4, atol=1e-7)
+    assert out[False][2].abs().max() > 1e-4  # a gradient that can disagree
+
+
+def test_micro_batch_keeps_one_tasks_activations_alive(make_zoo):
+    """Autograd saves tensors for the backward: the bytes of saved activations alive at once
+    (tensors that are not the model's own weights and buffers) under each path."""
+    saved = {}
+    for micro in (False, True):
+        module, tasks = _module(make_zoo, micro, "layer", "entropy", torch.float32)
+        own = {t.untyped_storage().data_ptr() for t in list(module.buffers()) + list(module.parameters())}
+        batch = {n: torch.randn(64, 3, 16, 16) for n in tasks}
+        live, peak = [0], [0]
+
+        class Held:
+            def __init__(self, t):
+                self.t, self.n = t, 0 if t.untyped_storage().data_ptr() in own else t.numel() * t.element_size()
+                live[0] += self.n
+                peak[0] = max(peak[0], live[0])
+
+            def __del__(self):
+                live[0] -= self.n
+
+        with torch.autograd.graph.saved_tensors_hooks(Held, lambda h: h.t):
+            loss, _ = module.batch_loss(batch)
+            loss.backward()
+        saved[micro] = peak[0]
+    # batched: all three tasks' activations are saved together; per task: one task's at a time
+    print("saved activation bytes, per task / batched:", saved[True] / saved[False])
+    assert saved[True] < 0.6 * saved[False]
+
+
+def test_a_fit_with_micro_batch_reaches_the_batched_coefficients(tiny_zoo_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    from adamerge.cli import main
+    from helpers import write_config
+
+    coef = {}
+    for micro in (False, True):
+        cfg = write_config(tmp_path / str(micro), tiny_zoo_dir, **{"options.steps": 10, "options.micro_batch": micro})
+        assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+        coef[micro] = load_file(str(tmp_path / str(micro) / "run" / "coefficients.safetensors"))["coefficients"]
+    assert torch.allclose(coef[True], coef[False], atol=1e-4)
+    assert not torch.allclose(coef[False], torch.full_like(coef[False], 0.3))  # it trained
