@@ -368,6 +368,8 @@ def fit(
                     kept = ckpt_dir / "last.ckpt"
                     where = f"the last good coefficients are in {kept}" if kept.exists() else "no checkpoint was reached yet"
                     raise NonFiniteLossError(f"{err}; training stopped and {where} (lower options.lr, or check the data)") from None
+                if trainer.interrupted:  # a Ctrl-C that Lightning handled without exiting: not finished
+                    raise KeyboardInterrupt
             if not trainer.is_global_zero:
                 return {}
             merged = module.merged.cpu()
