@@ -123,10 +123,14 @@ def _by_label(spec: str, names: Sequence[str], labels: Sequence[str]) -> Groupin
 
 
 def _rules(spec_rules: Sequence, names: Sequence[str]) -> list[str]:
+    if not isinstance(spec_rules, (list, tuple)):
+        raise InputError(f"granularity rules must be a list of [regex, group] pairs, got {spec_rules!r}")
     compiled = []
     for i, rule in enumerate(spec_rules):
         if not (isinstance(rule, (list, tuple)) and len(rule) == 2):
             raise InputError(f"granularity rule #{i} must be [regex, group], got {rule!r}")
+        if not isinstance(rule[0], str):
+            raise InputError(f"granularity rule #{i}: the regex must be a string, got {rule[0]!r}")
         try:
             compiled.append((re.compile(rule[0]), str(rule[1])))
         except re.error as err:
@@ -176,14 +180,14 @@ def make_grouping(spec: Spec, shapes: dict[str, torch.Size], seed: int = 0) -> G
             r = 0
         mode = parts[2] if len(parts) > 2 else "contiguous"
         if r < 1 or mode not in ("contiguous", "random", "atlas") or len(parts) > 3:
-            raise InputError(f"bad granularity '{spec}': use partition:R, partition:R:random or partition:R:atlas, R >= 1")
+            raise InputError(f"bad granularity {spec!r}: use partition:R, partition:R:random or partition:R:atlas, R >= 1")
         if mode == "atlas":
             return _atlas_partition(spec, shapes, r, seed)
         return _partition(spec, shapes, r, mode == "random", seed)
     from adamerge.registry import did_you_mean
 
     raise InputError(
-        f"unknown granularity '{spec}'{did_you_mean(spec, ['task', 'block', 'layer', 'partition:4'])}:"
+        f"unknown granularity {spec!r}{did_you_mean(spec, ['task', 'block', 'layer', 'partition:4'])}:"
         " use task, block, layer, partition:R or a list of rules"
     )
 

@@ -183,7 +183,7 @@ _names = ["conv1.weight", "transformer.resblocks.0.attn.in_proj_weight", "transf
 _shapes = {n: torch.Size(s) for n, s in zip(_names, [(4, 3, 2, 2), (6, 2), (8,), (2,), (2, 3)])}
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, derandomize=True)  # the same examples in every CI run
 @given(spec=st.one_of(
     st.sampled_from(["task", "block", "layer", "partition:2", "partition:3:random", "partition:2:atlas"]),
     st.text(max_size=12),
@@ -206,14 +206,19 @@ def test_any_granularity_is_a_valid_grouping_or_one_clear_error(spec):
 
 
 _values = st.one_of(st.integers(-5, 1000), st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=6),
-                    st.booleans(), st.none(), st.lists(st.floats(-2, 2), max_size=3))
+                    st.booleans(), st.none(), st.lists(st.floats(-2, 2), max_size=3), st.lists(st.text(max_size=2), max_size=2),
+                    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
+_option_keys = ["steps", "lr", "init", "batch_size", "bounds", "total", "constraint", "optimizer", "grad_clip", "ties_density",
+                "weight_decay", "solver", "objective", "stepz", "buffer_policy", "granularity", "objective_args", "solver_args",
+                "method_args", "prepare_args", "preprocess", "micro_batch", "extra"]
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(options=st.dictionaries(st.sampled_from(["steps", "lr", "init", "batch_size", "bounds", "total", "constraint",
-                                                "optimizer", "grad_clip", "ties_density", "weight_decay", "solver",
-                                                "objective", "stepz", "buffer_policy"]), _values, max_size=4),
-       method=st.sampled_from(["adamerging", "atlas", "concrete_adamerging", "doge", "t3", "fw_merging"]))
+# random runs of this property (3,000 examples) found a list objective and a non-mapping
+# method_args crashing with a TypeError/AttributeError; the CI run is derandomized
+@settings(max_examples=150, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(options=st.dictionaries(st.sampled_from(_option_keys), _values, max_size=4),
+       method=st.sampled_from(["adamerging", "adamerging++", "atlas", "concrete_adamerging", "concrete_ta", "doge",
+                               "doge_adamerging", "t3", "fw_merging"]))
 def test_any_generated_method_options_are_accepted_or_refused_in_one_line(options, method):
     from adamerge.methods import create_method
 
@@ -223,7 +228,7 @@ def test_any_generated_method_options_are_accepted_or_refused_in_one_line(option
         assert str(err) and "\n" not in str(err)
         return
     assert cfg.steps >= 0 and cfg.batch_size >= 1 and cfg.lr > 0
-    assert cfg.bounds[0] <= cfg.bounds[1]
+    assert cfg.bounds[0] <= cfg.bounds[1] and isinstance(cfg.objective, str)
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_coefficients(tiny_zoo_dir, tmp_path, monkeypatch, capsys):

@@ -95,7 +95,8 @@ class ATLAS(Method):
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
         overrides = dict(overrides or {})
-        if (overrides.get("method_args") or {}).get("mode") == "few_shot":
+        args = overrides.get("method_args")
+        if isinstance(args, dict) and args.get("mode") == "few_shot":  # (a non-mapping is refused below)
             # the paper's few-shot recipe: labeled cross-entropy, lr 0.1 with a cosine schedule
             for key, value in (("objective", "cross_entropy"), ("lr", 0.1), ("solver_args", {"schedule": "cosine"})):
                 overrides.setdefault(key, value)

@@ -95,6 +95,9 @@ class MethodConfig:
             if self.ties_density is not None:
                 raise InputError("set either 'ties_density' or 'preprocess', not both (ties_density d = preprocess {merge: ties, density: d})")
             merge_request(self.preprocess, "preprocess")
+        for name in ("constraint", "objective", "solver", "optimizer", "buffer_policy"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"option '{name}' must be a name, got {getattr(self, name)!r}")
         if not isinstance(self.micro_batch, bool):
             raise InputError(f"option 'micro_batch' must be true or false, got {self.micro_batch!r}")
         if self.constraint not in CONSTRAINTS:
