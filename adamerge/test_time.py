@@ -27,6 +27,7 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from adamerge.checks import check_choice, check_number
 from adamerge.data import images_layout
 from adamerge.errors import InputError
 from adamerge.merged import MergedModel
@@ -48,23 +49,16 @@ class T3Options:
     batch_size: int = 64
 
     def __post_init__(self) -> None:
-        choices = {"per": ("sample", "batch"), "side": ("expert", "generalist"),
-                   "combine": ("independent", "softmax"), "aggregate": ("mean_divergence", "mean_lambda")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"t3 option '{name}' must be one of {list(allowed)}, got {getattr(self, name)!r}")
-        for name in ("gamma", "lam_min", "lam_max", "log_base"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise InputError(f"t3 option '{name}' must be a number, got {v!r}")
+        for name, allowed in {"per": ("sample", "batch"), "side": ("expert", "generalist"),
+                              "combine": ("independent", "softmax"), "aggregate": ("mean_divergence", "mean_lambda")}.items():
+            check_choice(name, getattr(self, name), allowed, "t3 option")
+        for name in ("gamma", "lam_min", "lam_max"):
+            check_number(name, getattr(self, name), owner="t3 option")
+        check_number("log_base", self.log_base, low=1, low_open=True, owner="t3 option")
+        for name in ("chunk", "batch_size"):
+            check_number(name, getattr(self, name), low=1, integer=True, owner="t3 option")
         if self.lam_min > self.lam_max:
             raise InputError(f"t3 options need lam_min <= lam_max, got {self.lam_min} > {self.lam_max}")
-        if self.log_base <= 1:
-            raise InputError(f"t3 option 'log_base' must be > 1, got {self.log_base}")
-        for name in ("chunk", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"t3 option '{name}' must be a positive integer, got {v!r}")
 
 
 def js_divergence(p: Tensor, q: Tensor, log_base: float = math.e) -> Tensor:

@@ -90,3 +90,26 @@ def test_a_fit_with_micro_batch_reaches_the_batched_coefficients(tiny_zoo_dir, t
         coef[micro] = load_file(str(tmp_path / str(micro) / "run" / "coefficients.safetensors"))["coefficients"]
     assert torch.allclose(coef[True], coef[False], atol=1e-4)
     assert not torch.allclose(coef[False], torch.full_like(coef[False], 0.3))  # it trained
+
+
+@pytest.mark.parametrize("solver", __import__("adamerge.solvers", fromlist=["list_solvers"]).list_solvers(needs_data=True))
+def test_every_data_solver_trains_the_same_with_micro_batch(tiny_zoo_dir, tmp_path, solver):
+    """Generated from the solver registry: a new data solver is checked for free (line searches
+    evaluate the loss without gradients, the bi-level solver trains masks too)."""
+    from safetensors.torch import load_file
+
+    from adamerge.cli import main
+    from adamerge.solvers import solver_class
+    from helpers import write_config
+
+    masks = solver_class(solver).needs_masks
+    coef = {}
+    for micro in (False, True):
+        cfg = write_config(tmp_path / str(micro), tiny_zoo_dir, **{
+            "method": "concrete_adamerging" if masks else "adamerging", "options.solver": solver,
+            "options.method_args": {"adamerging_steps": 0} if masks else {},
+            "options.constraint": "simplex" if solver == "frank_wolfe" else "box",
+            "options.steps": 6, "options.lr": 0.02, "options.micro_batch": micro})
+        assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+        coef[micro] = load_file(str(tmp_path / str(micro) / "run" / "coefficients.safetensors"))["coefficients"]
+    assert torch.allclose(coef[True], coef[False], atol=1e-4), solver

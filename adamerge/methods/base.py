@@ -9,12 +9,12 @@ folder) feeds :meth:`Method.build`. Methods import neither Lightning nor the tra
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from torch import nn
 
+from adamerge.checks import check_number
 from adamerge.errors import InputError
 from adamerge.merged import BUFFER_POLICIES, MergedModel
 from adamerge.registry import Registry, did_you_mean
@@ -23,19 +23,7 @@ from adamerge.task_vectors import TaskVectors
 CONSTRAINTS = ("none", "box", "simplex")
 
 
-def _number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-            low_open: bool = False, integer: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value <= high
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        rng = "" if low is None else f" {'>' if low_open else '>='} {low:g}" + ("" if high is None else f" and <= {high:g}")
-        raise InputError(f"option '{name}' must be {kind}{rng}, got {value!r}")
+_number = check_number  # the shared check, under its local name
 
 
 @dataclass

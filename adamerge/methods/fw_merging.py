@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
+from adamerge.checks import check_choice, check_number
 from adamerge.data import StepBatches, images_layout
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.methods.base import FitContext, Method, MethodConfig, register_method
@@ -53,19 +53,14 @@ class FWOptions:
     soft_lr: float = 1e-2
 
     def __post_init__(self) -> None:
-        for name, allowed in {"oracle": ("layer", "whole"), "score": ("cosine", "linear")}.items():
-            if getattr(self, name) not in allowed:
-                raise InputError(f"fw_merging option '{name}' must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        owner = "fw_merging option"
+        check_choice("oracle", self.oracle, ("layer", "whole"), owner)
+        check_choice("score", self.score, ("cosine", "linear"), owner)
         for name in ("iterations", "soft_steps"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise InputError(f"fw_merging option '{name}' must be an integer >= 0, got {v!r}")
-        if isinstance(self.soft_k, bool) or not isinstance(self.soft_k, int) or self.soft_k < 2:
-            raise InputError(f"fw_merging option 'soft_k' must be an integer >= 2 (AdaMerging needs 2 task vectors), got {self.soft_k!r}")
+            check_number(name, getattr(self, name), low=0, integer=True, owner=owner)
+        check_number("soft_k", self.soft_k, low=2, integer=True, owner=owner)  # AdaMerging needs 2 task vectors
         for name in ("step_size", "scale", "init", "soft_lr"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise InputError(f"fw_merging option '{name}' must be a number >= 0, got {v!r}")
+            check_number(name, getattr(self, name), low=0, owner=owner)
         if self.step_size * self.scale > 1:
             raise InputError("fw_merging needs step_size * scale <= 1 (the step stays inside the hull)")
         if not isinstance(self.soft, bool):

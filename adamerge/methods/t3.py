@@ -92,16 +92,17 @@ class T3(Method):
         return out
 
     def export(self, folder: Path, run_dir, cfg: dict, results: dict) -> str:
-        from adamerge.config import build_all
+        from adamerge.config import build_heads
         from adamerge.export import export_metadata, model_card, write_heads
         from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
+        from adamerge.task_vectors import TaskVectors
 
-        parts = build_all(cfg)
-        tv, model = parts["tv"], parts["model"]
+        # what the package holds, and nothing more (no model, no data streams)
+        tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
         atomic_save_safetensors(dict(tv.base), folder / "base.safetensors", {"format": "pt"})
         atomic_save_safetensors({k: v.contiguous() for k, v in tv.vectors.items()}, folder / "task_vectors.safetensors",
                                 {"tasks": json.dumps(tv.task_names), "layout": "[tasks, *shape] per key"})
-        write_heads(folder, parts["heads"])
+        write_heads(folder, build_heads(cfg, Path(cfg["run_dir"]) / "cache"))
         meta = export_metadata(cfg, results, kind=PACKAGE_KIND)
         meta["t3"] = {"settings": results["t3"]["settings"], "tasks": tv.task_names}
         atomic_write_json(folder / "adamerge.json", meta)
@@ -110,6 +111,5 @@ class T3(Method):
             " input (T3) or batch (T3_B). `base.safetensors` holds θ0, `task_vectors.safetensors` the stacked"
             " τ ([tasks, *shape] per key), `heads.safetensors` the heads; serve it with"
             " `adamerge predict EXPORT INPUT --task NAME`.")))
-        del model
         return "a T3 package (base, task vectors, heads, settings) for adamerge predict"
 
