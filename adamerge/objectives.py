@@ -137,6 +137,20 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+# objectives whose value is a mean over the samples (weighted by 1/N), so a batch split into
+# chunks gives the same value and gradient as the sum of the chunks' values, each weighted by its
+# share of the samples (``options.micro_batch: N``); infomax's marginal term and a confidence
+# filter's count of kept samples depend on the whole batch
+_SAMPLE_MEANS = {"entropy", "entropy_norm", "reliable_entropy", "cross_entropy", "expert_distill"}
+
+
+def averages_over_samples(name: str, args: dict | None = None) -> bool:
+    """Whether objective ``name`` with ``args`` is a mean over independent samples."""
+    if name == "expert_distill":
+        return (args or {}).get("confidence") is None
+    return name in _SAMPLE_MEANS
+
+
 def target_kind(name: str) -> str | None:
     """What an objective needs per sample: ``experts``, ``labels``, ``views`` or nothing (None)."""
     return getattr(get_objective(name), "target_kind", None)

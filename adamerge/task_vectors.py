@@ -53,6 +53,22 @@ def _check_same_layout(base: StateDict, other: StateDict, base_src: str, other_s
             )
 
 
+def release_freed_memory() -> bool:
+    """Hand heap pages freed by loading (the experts' state dicts, conversion temporaries) back to
+    the operating system. glibc keeps them otherwise: after the first large tensors are freed it
+    raises its mmap threshold, so later tensors of up to 32 MiB live on the heap, and a process
+    that loaded T experts keeps their pages resident (measured: 185 MiB of 827 MiB for 8 experts
+    of a 4.8 M-parameter ViT). Returns whether ``malloc_trim`` was available (glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):
+        return False
+
+
 class TaskVectors:
     """The pretrained state ``base`` and stacked task vectors ``vectors[key]: [T, *shape]``.
 
@@ -168,6 +184,7 @@ class TaskVectors:
                 vectors[k][t] = (sd[k].to(torch.float64) - base[k].to(torch.float64)).to(dtype)
             names.append(name)
             del sd
+        release_freed_memory()  # the experts' tensors and temporaries: back to the OS
         return cls(base, vectors, names)
 
     # ------------------------------------------------------------------ views

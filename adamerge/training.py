@@ -140,26 +140,33 @@ class MergeModule(L.LightningModule):
         return loss, losses
 
     def _micro_batch_losses(self, batch, check: bool) -> dict[str, Tensor]:
-        """``options.micro_batch``: merge once, then each task's forward and backward alone against
-        leaves detached from the merged weights (one task's activations alive at a time), then a
-        surrogate whose gradient is the true one: ``Σ_k <θ_k(λ), G_k>`` with G_k the accumulated
-        gradient of the merged tensor k, so the solver's ONE backward runs through the merge once.
-        Without gradients (a line search's evaluations) it is the plain per-task forward."""
+        """``options.micro_batch``: merge once, then each task's forward and backward alone (in
+        chunks of at most N samples with ``micro_batch: N``, each chunk's value weighted by its
+        share of the task's samples) against leaves detached from the merged weights, so one
+        chunk's activations are alive at a time; then a surrogate whose gradient is the true one,
+        ``Σ_k <θ_k(λ), G_k>`` with G_k the accumulated gradient of merged tensor k, so the solver's
+        ONE backward runs through the merge once. Without gradients (a line search's evaluations)
+        it is the plain per-chunk forward."""
         inputs, index = (batch.inputs, batch.index) if isinstance(batch, StepBatch) else (batch, None)
         theta = self.merged.merged_parameters()
-        leaves = {k: v.detach().requires_grad_(torch.is_grad_enabled()) for k, v in theta.items()}
+        grad = torch.is_grad_enabled()
+        leaves = {k: v.detach().requires_grad_(grad) for k, v in theta.items()}
+        chunk = None if self.cfg.micro_batch is True else int(self.cfg.micro_batch)
         values: dict[str, Tensor] = {}
         with self.merged.fixed_parameters(leaves):
-            for n in inputs:
-                one = StepBatch({n: inputs[n]}, {n: index[n]}) if index is not None else {n: inputs[n]}
-                value = self.task_losses(one)[n]
-                if check and not torch.isfinite(value):
-                    raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) ['{n}']")
-                if torch.is_grad_enabled():
-                    value.backward()
-                values[n] = value.detach()
+            for n, x in inputs.items():
+                size = x.shape[0]
+                for lo in range(0, size, chunk or size):
+                    part = slice(lo, min(size, lo + (chunk or size)))
+                    one = StepBatch({n: x[part]}, {n: index[n][part]}) if index is not None else {n: x[part]}
+                    value = self.task_losses(one)[n] * ((part.stop - part.start) / size)
+                    if check and not torch.isfinite(value):
+                        raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) ['{n}']")
+                    if grad:
+                        value.backward()
+                    values[n] = value.detach() if n not in values else values[n] + value.detach()
         self._batch_n = sum(x.shape[0] for x in inputs.values())
-        if not torch.is_grad_enabled():
+        if not grad:
             return values
         surrogate = sum((theta[k] * leaves[k].grad).sum() for k in theta if leaves[k].grad is not None)
         # each task's exact value; the first entry also carries the whole gradient (value + 0)
@@ -329,7 +336,8 @@ def fit(
         if not solver.needs_data:
             problem = DataFreeProblem(model, m.prepare(tv, cfg, model, state or None), cfg, run, say, seed)
             state = {**state, **solver.solve(problem)}
-            run.save_state(state, {"stages_done": i + 1, "solver": solver.name})
+            if rank_zero:
+                run.save_state(state, {"stages_done": i + 1, "solver": solver.name})
             continue
         merged = m.build(model, tv, cfg, seed=seed, state=state or None, stage=i)
         if steps > 0:
@@ -337,7 +345,8 @@ def fit(
                 data = m.training_data(cfg, model, tv, heads, streams, labeled, cache_dir or run.path / "cache", say, seed, state)
                 if data.state:
                     state = {**state, **data.state}
-                    run.save_state(state, {"stages_done": i, "solver": solver.name})
+                    if rank_zero:
+                        run.save_state(state, {"stages_done": i, "solver": solver.name})
             module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
                                  augment=data.augment, seed=seed, tasks=tasks)
             ckpt_dir = run.stage_checkpoints(i)
@@ -370,15 +379,18 @@ def fit(
                     raise NonFiniteLossError(f"{err}; training stopped and {where} (lower options.lr, or check the data)") from None
                 if trainer.interrupted:  # a Ctrl-C that Lightning handled without exiting: not finished
                     raise KeyboardInterrupt
-            if not trainer.is_global_zero:
-                return {}
             merged = module.merged.cpu()
             modules.append(module)
             steps_done += trainer.global_step
+        # every rank goes on to the next stage (its DDP fit needs them all) with the same state:
+        # the coefficients are equal on every rank (gradients are averaged); rank 0 writes
         extra = m.stage_state(merged, cfg, i, last)
         if extra or not last:
             state = {**state, **extra}
-            run.save_state(state, {"stages_done": i + 1, "solver": solver.name})
+            if rank_zero:
+                run.save_state(state, {"stages_done": i + 1, "solver": solver.name})
+    if not rank_zero:
+        return {}
     if merged is None:  # the last stage was data-free: the final model comes from the state
         merged = m.build(model, tv, cfg, seed=seed, state=state or None)
     seconds = time.perf_counter() - start
@@ -493,6 +505,10 @@ def _trainer(run: RunFolder, ckpt_dir: Path, steps: int, progress: bool, trainer
 
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
     opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
+    if opts["strategy"] == "ddp":
+        # a bi-level step (Concrete masks) leaves some trainable tensors out of one backward; the
+        # search for them walks a graph whose trainable leaves are a few coefficients: negligible
+        opts["strategy"] = "ddp_find_unused_parameters_true"
     # not a terminal (CI, a log file): plain lines every few percent instead of Lightning's bar
     lines = [LineProgressBar()] if progress and not sys.stderr.isatty() else []
     return L.Trainer(

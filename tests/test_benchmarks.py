@@ -42,3 +42,66 @@ def test_t3_throughput_benchmark_runs_on_the_tiny_zoo(tmp_path):
     assert set(out["rows"]) == {"fixed merged checkpoint", "T3_B (per batch)", "T3 (per input)"}
     assert all(r["inputs_per_second"] > 0 for r in out["rows"].values())
     assert json.loads((tmp_path / "t3.json").read_text())["inputs"] == 32
+
+
+def _vs_fusionbench():
+    return runpy.run_path(str(SCRIPT.parent / "vs_fusionbench.py"))
+
+
+def test_vs_fusionbench_ours_side_merges_what_the_hand_computation_gives(tmp_path):
+    """adamerge's worker of the side-by-side benchmark on the tiny case: the dumped step-0 merge
+    equals base + 0.3 Σ τ computed here by hand, and the record has one time per step."""
+    import torch
+    from safetensors.torch import load_file
+
+    bench = _vs_fusionbench()
+    spec = bench["CASES"]["tiny"] | {"seed": 0, "name": "tiny", "check": True, "options": {"micro_batch": 2}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "ours.json"
+    assert bench["main"](["--worker", "ours", "--spec", str(tmp_path / "spec.json"), "--out", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert len(rec["steps_s"]) == spec["warmup"] + spec["timed"] and rec["step_s"] > 0
+    assert rec["peak_mb"] >= rec["start_rss_mb"] > 0 and rec["options"]["micro_batch"] == 2
+    assert torch.isfinite(torch.tensor(rec["step0_loss"]))
+    case = bench["build_case"](spec)
+    dumped = load_file(out.as_posix() + ".weights.safetensors")
+    params = dict(case["model"].named_parameters())
+    assert sorted(dumped) == sorted(params)
+    for k, v in dumped.items():
+        hand = case["base"][k] + 0.3 * sum(e[k] - case["base"][k] for e in case["experts"])
+        assert (v - hand).abs().max() <= 1e-6, k
+
+
+def _peer_python():
+    import os
+
+    path = Path(os.environ.get("FUSIONBENCH_PYTHON", SCRIPT.parents[1] / ".venv-fusionbench" / "bin" / "python"))
+    return path if path.exists() else None
+
+
+@pytest.mark.skipif(_peer_python() is None, reason="FusionBench's environment (.venv-fusionbench) is not installed")
+def test_vs_fusionbench_against_the_peer_on_the_tiny_case(tmp_path):
+    """Where FusionBench's environment exists: the same merged weights, and the JSON of the issue."""
+    out = tmp_path / "vs.json"
+    assert _vs_fusionbench()["main"](["--cases", "tiny", "--rounds", "1", "--peer-python", str(_peer_python()),
+                                       "--json", str(out)]) == 0
+    case = json.loads(out.read_text())["cases"]["tiny"]
+    for key in ("ours_step_s", "peer_step_s", "speedup", "ours_peak_mb", "peer_peak_mb", "memory_ratio", "max_abs_weight_diff"):
+        assert case[key] >= 0, key
+    assert case["max_abs_weight_diff"] <= 1e-6
+    assert abs(case["step0_loss"]["ours"] - case["step0_loss"]["peer"]) < 1e-5
+
+
+def test_sharding_arithmetic_from_measured_sizes(tmp_path, capsys):
+    main = runpy.run_path(str(SCRIPT.parent / "sharding_arithmetic.py"))["main"]
+    out = tmp_path / "shard.json"
+    assert main(["--model", "ViT-B-32", "--tasks", "2,20", "--ranks", "4", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    m = res["measured"]
+    assert m["parameters"] == 87_849_216 and m["tensors"] == 152 and m["saved_bytes_per_image"] > 0
+    big = res["rows"]["20"]
+    # sharding by parameter holds a quarter of the task vectors per rank, at the price of moving
+    # about three model sizes per step; replicated ranks move only the coefficient gradients
+    assert big["by_parameter"]["held_gib"] < big["by_task"]["held_gib"] < big["replicated"]["held_gib"]
+    assert big["replicated"]["sent_gib"] < 1e-3 < big["by_parameter"]["sent_gib"] < big["by_task"]["sent_gib"]
+    assert "by_parameter" in capsys.readouterr().out

@@ -31,10 +31,12 @@ def _module(make_zoo, micro: bool, granularity: str, objective: str, dtype=torch
 
 
 @pytest.mark.parametrize("granularity", ["task", "layer", "partition:2"])
-@pytest.mark.parametrize("objective", ["entropy", "infomax"])
-def test_micro_batch_gives_the_batched_loss_and_gradient(make_zoo, inputs, granularity, objective):
+@pytest.mark.parametrize("objective,micro_batch", [("entropy", True), ("infomax", True), ("entropy", 2),
+                                                   ("reliable_entropy", 3), ("entropy_norm", 1)])
+def test_micro_batch_gives_the_batched_loss_and_gradient(make_zoo, inputs, granularity, objective, micro_batch):
+    """Per task (true) and in chunks of N samples (5 samples: uneven chunks) alike."""
     out = {}
-    for micro in (False, True):
+    for micro in (False, micro_batch):
         module, tasks = _module(make_zoo, micro, granularity, objective)
         batch = StepBatch({n: torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
                            for i, n in enumerate(tasks)}, {n: torch.arange(5) for n in tasks})
@@ -42,18 +44,19 @@ def test_micro_batch_gives_the_batched_loss_and_gradient(make_zoo, inputs, granu
         loss.backward()
         out[micro] = (loss.detach(), {n: v.detach() for n, v in losses.items()}, module.merged.coefficients.grad.clone())
     # the objectives compute in float32: equal to its rounding
-    assert torch.allclose(out[True][0], out[False][0], atol=1e-6)
+    assert torch.allclose(out[micro_batch][0], out[False][0], atol=1e-6)
     for n in out[False][1]:
-        assert torch.allclose(out[True][1][n], out[False][1][n], atol=1e-6)
-    assert torch.allclose(out[True][2], out[False][2], rtol=1e-4, atol=1e-7)
+        assert torch.allclose(out[micro_batch][1][n], out[False][1][n], atol=1e-6)
+    assert torch.allclose(out[micro_batch][2], out[False][2], rtol=1e-4, atol=1e-7)
     assert out[False][2].abs().max() > 1e-4  # a gradient that can disagree
 
 
 def test_micro_batch_keeps_one_tasks_activations_alive(make_zoo):
     """Autograd saves tensors for the backward: the bytes of saved activations alive at once
-    (tensors that are not the model's own weights and buffers) under each path."""
+    (tensors that are not the model's own weights and buffers) under each path: per task, one
+    task's; in chunks of 16 of a task's 64 samples, a quarter of that."""
     saved = {}
-    for micro in (False, True):
+    for micro in (False, True, 16):
         module, tasks = _module(make_zoo, micro, "layer", "entropy", torch.float32)
         own = {t.untyped_storage().data_ptr() for t in list(module.buffers()) + list(module.parameters())}
         batch = {n: torch.randn(64, 3, 16, 16) for n in tasks}
@@ -73,8 +76,21 @@ def test_micro_batch_keeps_one_tasks_activations_alive(make_zoo):
             loss.backward()
         saved[micro] = peak[0]
     # batched: all three tasks' activations are saved together; per task: one task's at a time
-    print("saved activation bytes, per task / batched:", saved[True] / saved[False])
+    print("saved activation bytes, per task / batched:", saved[True] / saved[False], "chunks of 16 / per task:", saved[16] / saved[True])
     assert saved[True] < 0.6 * saved[False]
+    assert saved[16] < 0.4 * saved[True]
+
+
+@pytest.mark.parametrize("objective,args", [("infomax", {}), ("expert_distill", {"confidence": 0.5})])
+def test_chunks_are_refused_for_objectives_of_the_whole_batch(objective, args):
+    from adamerge.errors import InputError
+
+    with pytest.raises(InputError, match="depends on the whole batch"):
+        create_method("adamerging").config({"objective": objective, "objective_args": args, "micro_batch": 4})
+    create_method("adamerging").config({"objective": objective, "objective_args": args, "micro_batch": True})
+    for bad in (0, -1, 2.5, "many"):
+        with pytest.raises(InputError, match="micro_batch"):
+            create_method("adamerging").config({"micro_batch": bad})
 
 
 def test_a_fit_with_micro_batch_reaches_the_batched_coefficients(tiny_zoo_dir, tmp_path):
@@ -84,11 +100,12 @@ def test_a_fit_with_micro_batch_reaches_the_batched_coefficients(tiny_zoo_dir, t
     from helpers import write_config
 
     coef = {}
-    for micro in (False, True):
+    for micro in (False, True, 3):
         cfg = write_config(tmp_path / str(micro), tiny_zoo_dir, **{"options.steps": 10, "options.micro_batch": micro})
         assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
         coef[micro] = load_file(str(tmp_path / str(micro) / "run" / "coefficients.safetensors"))["coefficients"]
     assert torch.allclose(coef[True], coef[False], atol=1e-4)
+    assert torch.allclose(coef[3], coef[False], atol=1e-4)
     assert not torch.allclose(coef[False], torch.full_like(coef[False], 0.3))  # it trained
 
 

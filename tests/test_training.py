@@ -75,12 +75,17 @@ def test_export_reproduces_functional_outputs(layer_run, tmp_path):
     assert main(["export", str(layer_run), str(out), "--force"]) == 0
 
 
-def test_ddp_two_processes_match_one(zoo_dir, tmp_path):
+@pytest.mark.parametrize("method", ["adamerging", "concrete_adamerging"])
+def test_ddp_two_processes_match_one(zoo_dir, tmp_path, method):
+    """Two gloo processes, each with half of every task's batch, train the coefficients one
+    process gets with the whole batch; concrete_adamerging has two data stages (masks, then
+    AdaMerging on the frozen mask): every rank goes through both."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     exe = [sys.executable, "-m", "adamerge.cli"]
     coefs = []
+    stages = {"method": method, "options.method_args": {"adamerging_steps": 4}} if method != "adamerging" else {}
     for devices in (1, 2):
-        cfg = write_config(tmp_path / f"d{devices}", zoo_dir, **{"options.steps": 10})
+        cfg = write_config(tmp_path / f"d{devices}", zoo_dir, **{"options.steps": 10 if not stages else 4, **stages})
         cmd = exe + ["fit", "--config", str(cfg), "--no-progress", "--devices", str(devices)]
         if devices == 2:
             cmd += ["--strategy", "ddp"]

@@ -47,7 +47,11 @@ class MethodConfig:
     grad_clip: float | None = None
     steps: int = 500
     batch_size: int = 16
-    micro_batch: bool = False  # per task: forward + backward to the merged weights, then ONE backward through the merge
+    # true: each task's forward + backward alone against the merged weights, then ONE backward
+    # through the merge (one task's activations alive; measured faster than batching on a CPU);
+    # N: the same in chunks of at most N samples (objectives that average over samples only);
+    # false: one batched forward over every task (for wide GPUs with memory to spare)
+    micro_batch: bool | int = True
     ties_density: float | None = None
     preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"
@@ -87,7 +91,11 @@ class MethodConfig:
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"option '{name}' must be a name, got {getattr(self, name)!r}")
         if not isinstance(self.micro_batch, bool):
-            raise InputError(f"option 'micro_batch' must be true or false, got {self.micro_batch!r}")
+            try:
+                _number("micro_batch", self.micro_batch, low=1, integer=True)
+            except InputError:
+                raise InputError(f"option 'micro_batch' must be true, false or a number of samples >= 1, got {self.micro_batch!r}") from None
+            self.micro_batch = int(self.micro_batch)
         if self.constraint not in CONSTRAINTS:
             raise InputError(f"option 'constraint' must be one of {list(CONSTRAINTS)}, got {self.constraint!r}{did_you_mean(self.constraint, list(CONSTRAINTS))}")
         if not (isinstance(self.bounds, tuple) and len(self.bounds) == 2):
@@ -108,6 +116,13 @@ class MethodConfig:
         for name in ("objective_args", "solver_args", "prepare_args", "method_args", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"option '{name}' must be a mapping, got {getattr(self, name)!r}")
+        if self.micro_batch is not True and self.micro_batch is not False:
+            from adamerge.objectives import averages_over_samples
+
+            if not averages_over_samples(self.objective, self.objective_args):
+                raise InputError(f"option 'micro_batch' {self.micro_batch} splits a task's batch into chunks, but objective "
+                                 f"'{self.objective}' (with {self.objective_args}) depends on the whole batch at once; "
+                                 f"use micro_batch: true (one task at a time)")
 
     @classmethod
     def from_dict(cls, values: dict) -> "MethodConfig":

@@ -72,6 +72,11 @@ class BilevelSolver(Solver):
         coef.requires_grad_(True)
         inner_loss, _ = module.batch_loss(inner_batch)
         (grad,) = torch.autograd.grad(inner_loss, [coef])
+        trainer = module._trainer
+        if trainer is not None and trainer.world_size > 1:
+            # autograd.grad bypasses DDP's gradient averaging: average by hand, or every rank
+            # would take its own inner step on its share of the batch and the ranks drift apart
+            grad = trainer.strategy.reduce(grad, reduce_op="mean")
         masks.frozen = None
         self.inner.zero_grad()
         coef.grad = grad
