@@ -71,6 +71,7 @@ class MergeModule(L.LightningModule):
             self.register_buffer(f"_target{i}", None if targets is None else targets[t], persistent=False)
         self.strict_loading = False  # checkpoints leave the frozen heads out
         self.stop_reason: str | None = None
+        self._recent: list[float] = []  # the last losses, for options.early_stop
         self.regularizer = regularizer  # e.g. a mask-density penalty: merged -> (scalar, logs)
         self._batch_n = 1
 
@@ -196,7 +197,26 @@ class MergeModule(L.LightningModule):
         masks = self.merged.mask_set
         if masks is not None and masks.frozen is None:  # learnable masks: samples keyed by the step
             masks.set_step(self.global_step, self.global_step / max(1, self.trainer.max_steps))
-        return self.solver.training_step(self, batch)
+        loss = self.solver.training_step(self, batch)
+        if self.cfg.early_stop and loss is not None:
+            value = loss.detach()
+            if self.trainer.world_size > 1:  # every rank decides on the same (averaged) loss
+                value = self.trainer.strategy.reduce(value, reduce_op="mean")
+            self._check_settled(float(value))
+        return loss
+
+    def _check_settled(self, loss: float) -> None:
+        """``options.early_stop``: stop once the mean loss of the last W steps is less than
+        ``min_delta`` (relative) below the mean of the W steps before (labels are never used).
+        The recent losses are checkpointed, so a resumed run stops where an uninterrupted one does."""
+        w, delta = self.cfg.early_stop["window"], self.cfg.early_stop["min_delta"]
+        self._recent = (self._recent + [loss])[-2 * w:]
+        if len(self._recent) < 2 * w:
+            return
+        before, last = sum(self._recent[:w]) / w, sum(self._recent[w:]) / w
+        if before - last < delta * abs(before):
+            self.request_stop(f"the objective settled: mean loss {last:.5g} over the last {w} steps, "
+                              f"{before:.5g} over the {w} before (min_delta {delta:g})")
 
     def configure_optimizers(self):
         return self.solver.configure_optimizers(self)
@@ -204,10 +224,12 @@ class MergeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("heads.")}
         checkpoint["adamerge_stop_reason"] = self.stop_reason
+        checkpoint["adamerge_recent_losses"] = list(self._recent)
         checkpoint["adamerge_solver"] = self.solver.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.stop_reason = checkpoint.get("adamerge_stop_reason")
+        self._recent = list(checkpoint.get("adamerge_recent_losses") or [])
         self.solver.load_state_dict(checkpoint.get("adamerge_solver") or {})
 
 

@@ -76,15 +76,34 @@ def _build_model(name: str):
     raise SystemExit(f"unknown model '{name}'; choose from {MODELS}")
 
 
-def _reference_step(model, x):
-    """One forward + backward of the plain model with trainable weights."""
+def _head(model, x):
+    """A seeded linear head over the model's features (``--per-task``: entropy through it)."""
+    import torch
+
+    from adamerge.data import LinearHead
+
+    with torch.no_grad():
+        dim = model(x[:1]).shape[-1]
+    return LinearHead(torch.randn(10, dim, generator=torch.Generator().manual_seed(2)) / dim**0.5)
+
+
+def _reference_step(model, x, tasks: int = 0):
+    """One forward + backward of the plain model with trainable weights; with ``tasks``, one
+    forward + backward per task's share of the images (entropy through a head), the work the
+    merged model's ``micro_batch`` step does."""
+    from adamerge.objectives import entropy
+
     for p in model.parameters():
         p.requires_grad_(True)
+    head = _head(model, x) if tasks else None
 
     def step():
         model.zero_grad(set_to_none=True)
-        loss = model(x).float().pow(2).mean()
-        loss.backward()
+        if not tasks:
+            model(x).float().pow(2).mean().backward()
+            return
+        for chunk in x.chunk(tasks):
+            entropy(head(model(chunk))).backward()
 
     return step
 
@@ -120,6 +139,22 @@ def _merged_step(model, x, args, gen, result: dict):
         loss = mm(x).float().pow(2).mean()
         loss.backward()
         assert mm.coefficients.grad is not None
+
+    if args.per_task:  # the training module's own step: options.micro_batch = true
+        from adamerge.methods import create_method
+        from adamerge.solvers import create_solver
+        from adamerge.training import MergeModule
+
+        cfg = create_method("adamerging").config({"granularity": args.granularity, "micro_batch": True})
+        head = _head(model, x)
+        module = MergeModule(mm, {n: head for n in tv.task_names}, cfg, create_solver("gradient", cfg))
+        batch = dict(zip(tv.task_names, x.chunk(args.tasks)))
+
+        def step():  # noqa: F811
+            mm.zero_grad(set_to_none=True)
+            loss, _ = module.batch_loss(batch)
+            loss.backward()
+            assert mm.coefficients.grad is not None
 
     def merge_only():  # the merge's own forward and backward, no network
         mm.zero_grad(set_to_none=True)
@@ -197,11 +232,12 @@ def worker(args: argparse.Namespace) -> dict:
 
     if args.kind == "paired":  # both models in this process, blocks of steps interleaved: the timing
         merged, merge_only = _merged_step(model, x, args, gen, result)
-        result.update(_time_pairs(_reference_step(copy.deepcopy(model), x), merged, merge_only, args.pairs, args.min_time))
+        ref = _reference_step(copy.deepcopy(model), x, args.tasks if args.per_task else 0)
+        result.update(_time_pairs(ref, merged, merge_only, args.pairs, args.min_time))
         return result
     # one model in this process: its peak memory over two steps
     if args.kind == "reference":
-        step = _reference_step(model, x)
+        step = _reference_step(model, x, args.tasks if args.per_task else 0)
         result["held_model_units"] = None
     else:
         step, _ = _merged_step(model, x, args, gen, result)
@@ -218,7 +254,7 @@ def _run_worker(args: argparse.Namespace, model: str, kind: str, tasks: int, bat
         "--batch", str(batch), "--pairs", str(args.pairs), "--dtype", args.dtype, "--threads", str(args.threads),
         "--min-time", str(args.min_time),
         "--granularity", args.granularity,
-    ] + (["--cpu-chunk", str(args.cpu_chunk)] if args.cpu_chunk is not None else [])  # fmt: skip
+    ] + (["--per-task"] if args.per_task else []) + (["--cpu-chunk", str(args.cpu_chunk)] if args.cpu_chunk is not None else [])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
@@ -261,6 +297,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--pairs", type=int, default=4, help="timed (reference, merged) step pairs after one warm-up each")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="task-vector storage")
     p.add_argument("--granularity", default="layer")
+    p.add_argument("--per-task", action="store_true",
+                   help="each task's images forward + backward alone (options.micro_batch, the default), the"
+                        " reference likewise; without it, one batched forward over every task")
     p.add_argument(
         "--threads", type=int, default=1,
         help="torch intra-op threads (default 1: on a shared, busy 2-core machine two spin-waiting"
@@ -309,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     print(
-        f"granularity={args.granularity}, threads={args.threads}, {args.pairs} interleaved step pairs (medians),"
+        f"granularity={args.granularity}, {'per task' if args.per_task else 'one batched forward'}, threads={args.threads}, {args.pairs} interleaved step pairs (medians),"
         f" cpu_chunk={rows[0]['merged']['cpu_chunk'] if rows else None},"
         f" task vectors stored as {args.dtype}; model size: "
         + ", ".join(f"{r['model']} {r['merged']['model_mb']:.1f} MB ({r['merged']['tensors']} tensors)" for r in rows[:: len(tasks)])

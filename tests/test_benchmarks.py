@@ -10,10 +10,12 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "merge_overhead.py"
 
 
-def test_merge_overhead_runs_on_the_tiny_model(tmp_path, capsys):
+@pytest.mark.parametrize("per_task", [False, True])
+def test_merge_overhead_runs_on_the_tiny_model(tmp_path, capsys, per_task):
     main = runpy.run_path(str(SCRIPT))["main"]
     out = tmp_path / "rows.json"
-    main(["--models", "tiny", "--tasks", "2", "--pairs", "1", "--min-time", "0", "--json", str(out)])
+    main(["--models", "tiny", "--tasks", "2", "--pairs", "1", "--min-time", "0", "--json", str(out)]
+         + (["--per-task"] if per_task else []))
     (row,) = json.loads(out.read_text())
     assert row["model"] == "tiny" and row["tasks"] == 2
     assert row["merged"]["held_model_units"] == pytest.approx(3.0, abs=0.02)  # base + 2 task vectors

@@ -158,3 +158,26 @@ def test_objective_and_its_arguments_come_from_options(zoo_dir, tmp_path):
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["options"]["objective"] == "infomax"
     assert results["options"]["objective_args"] == {"diversity": 0.5}
+
+
+def test_early_stop_ends_training_when_the_unlabeled_objective_settles_and_resumes_the_same(tiny_zoo_dir, tmp_path, monkeypatch):
+    """``options.early_stop``: with a huge min_delta the rule fires at the first full pair of
+    windows (step 2W = 8); a run cut at step 6 restores the recent losses from its checkpoint and
+    stops at the same step (without them it would need 8 more steps)."""
+    from adamerge.methods import create_method
+    from helpers import crash_then_resume
+
+    changes = {"options.steps": 30, "options.early_stop": {"window": 4, "min_delta": 10.0}, "checkpoint_every": 1}
+    cfg = write_config(tmp_path / "stop", tiny_zoo_dir, **changes)
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    stopped = json.loads((tmp_path / "stop" / "run" / "results.json").read_text())
+    assert stopped["steps"] == 8 and "settled" in stopped["stopped_early"]
+    assert stopped["options"]["early_stop"] == {"window": 4, "min_delta": 10.0}
+    crash_then_resume(write_config(tmp_path / "cut", tiny_zoo_dir, **changes), 6, monkeypatch)
+    resumed = json.loads((tmp_path / "cut" / "run" / "results.json").read_text())
+    assert resumed["steps"] == 8
+    assert torch.equal(load_file(str(tmp_path / "stop" / "run" / "coefficients.safetensors"))["coefficients"],
+                       load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"])
+    for bad in ({"window": 1}, {"patience": 3}, {"window": 4, "min_delta": -1}, 5):
+        with pytest.raises(Exception, match="early_stop"):
+            create_method("adamerging").config({"early_stop": bad})

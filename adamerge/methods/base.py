@@ -46,6 +46,9 @@ class MethodConfig:
     weight_decay: float = 0.0
     grad_clip: float | None = None
     steps: int = 500
+    # stop when the unlabeled objective has settled: {window: W, min_delta: d} ends training once
+    # the mean loss over the last W steps is less than d (relative) below the mean of the W before
+    early_stop: dict | None = None
     batch_size: int = 16
     # true: each task's forward + backward alone against the merged weights, then ONE backward
     # through the merge (one task's activations alive; measured faster than batching on a CPU);
@@ -90,6 +93,13 @@ class MethodConfig:
         for name in ("constraint", "objective", "solver", "optimizer", "buffer_policy"):
             if not isinstance(getattr(self, name), str):
                 raise InputError(f"option '{name}' must be a name, got {getattr(self, name)!r}")
+        if self.early_stop is not None:
+            if not isinstance(self.early_stop, dict) or set(self.early_stop) - {"window", "min_delta"}:
+                raise InputError(f"option 'early_stop' must be a mapping with keys window and min_delta, got {self.early_stop!r}")
+            self.early_stop = {"window": 20, "min_delta": 0.01} | self.early_stop
+            _number("early_stop.window", self.early_stop["window"], low=2, integer=True)
+            _number("early_stop.min_delta", self.early_stop["min_delta"], low=0)
+            self.early_stop["window"] = int(self.early_stop["window"])
         if not isinstance(self.micro_batch, bool):
             try:
                 _number("micro_batch", self.micro_batch, low=1, integer=True)
