@@ -36,6 +36,23 @@ from adamerge.solvers import create_solver
 from adamerge.task_vectors import TaskVectors
 
 
+class _InjectGradients(torch.autograd.Function):
+    """A zero scalar whose backward hands each input tensor its given gradient: the gradient of
+    ``Σ_k <θ_k, G_k>`` without forming the products (two passes over the model saved, and the
+    model-sized temporaries of the product and its backward)."""
+
+    @staticmethod
+    def forward(ctx, grads, *tensors):  # type: ignore[override]
+        ctx.grads = grads
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, upstream):  # type: ignore[override]
+        grads, ctx.grads = ctx.grads, None
+        scale = None if float(upstream) == 1.0 else upstream
+        return (None, *(g if scale is None else g * scale.to(g.dtype) for g in grads))
+
+
 class MergeModule(L.LightningModule):
     """Trains a method's parameters (the merge coefficients; masks for methods that add them).
 
@@ -145,8 +162,9 @@ class MergeModule(L.LightningModule):
         chunks of at most N samples with ``micro_batch: N``, each chunk's value weighted by its
         share of the task's samples) against leaves detached from the merged weights, so one
         chunk's activations are alive at a time; then a surrogate whose gradient is the true one,
-        ``Σ_k <θ_k(λ), G_k>`` with G_k the accumulated gradient of merged tensor k, so the solver's
-        ONE backward runs through the merge once. Without gradients (a line search's evaluations)
+        ``Σ_k <θ_k(λ), G_k>`` with G_k the accumulated gradient of merged tensor k (computed as
+        :class:`_InjectGradients`: no product is formed), so the solver's ONE backward runs
+        through the merge once. Without gradients (a line search's evaluations)
         it is the plain per-chunk forward."""
         inputs, index = (batch.inputs, batch.index) if isinstance(batch, StepBatch) else (batch, None)
         theta = self.merged.merged_parameters()
@@ -169,10 +187,11 @@ class MergeModule(L.LightningModule):
         self._batch_n = sum(x.shape[0] for x in inputs.values())
         if not grad:
             return values
-        surrogate = sum((theta[k] * leaves[k].grad).sum() for k in theta if leaves[k].grad is not None)
+        keys = [k for k in theta if leaves[k].grad is not None]
+        carrier = _InjectGradients.apply([leaves[k].grad for k in keys], *[theta[k] for k in keys])
         # each task's exact value; the first entry also carries the whole gradient (value + 0)
         first = next(iter(values))
-        return {n: v + (surrogate - surrogate.detach()).to(v.dtype) if n == first else v for n, v in values.items()}
+        return {n: v + carrier.to(v.dtype) if n == first else v for n, v in values.items()}
 
     def log_step(self, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
         """Per-task losses, the total and coefficient statistics (before this step's update)."""
