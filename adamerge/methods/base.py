@@ -51,7 +51,7 @@ class MethodConfig:
     early_stop: dict | None = None
     batch_size: int = 16
     # true: each task's forward + backward alone against the merged weights, then ONE backward
-    # through the merge (one task's activations alive; measured faster than batching on a CPU);
+    # through the merge (one task's activations alive; benchmarks/README.md has the trade);
     # N: the same in chunks of at most N samples (objectives that average over samples only);
     # false: one batched forward over every task (for wide GPUs with memory to spare)
     micro_batch: bool | int = True
