@@ -36,6 +36,7 @@ import yaml
 
 from adamerge.errors import AdamergeError, InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
+from adamerge.memory import process_memory_mb
 from adamerge.runs import RunFolder
 
 # bare names that are top-level config keys (everything else bare is an ``options.`` key)
@@ -179,22 +180,9 @@ class PeakMemory:
         self.cuda, self.peak_mb, self.kind = cuda, float("nan"), "cuda_allocated" if cuda else "cpu_rss"
         self._stop = threading.Event()
 
-    @staticmethod
-    def _rss_mb() -> float:
-        try:
-            with open("/proc/self/status", encoding="ascii") as fh:
-                for line in fh:
-                    if line.startswith("VmRSS:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
     def _sample(self) -> None:
         while not self._stop.wait(0.02):
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self.peak_mb = max(self.peak_mb, process_memory_mb())
 
     def __enter__(self) -> "PeakMemory":
         if self.cuda:
@@ -202,7 +190,7 @@ class PeakMemory:
 
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.peak_mb = self._rss_mb()
+            self.peak_mb = process_memory_mb()
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
@@ -215,7 +203,7 @@ class PeakMemory:
         else:
             self._stop.set()
             self._thread.join()
-            self.peak_mb = max(self.peak_mb, self._rss_mb())
+            self.peak_mb = max(self.peak_mb, process_memory_mb())
 
 
 def _uses_cuda(cfg: dict) -> bool:

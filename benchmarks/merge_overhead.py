@@ -42,20 +42,6 @@ MODELS = ("tiny", "vitb32")
 
 
 # --------------------------------------------------------------------------- worker side
-def _peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM), in MiB."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
-
-
 def _build_model(name: str):
     """The backbone in eval mode and its input image size."""
     import torch
@@ -242,7 +228,9 @@ def worker(args: argparse.Namespace) -> dict:
     else:
         step, _ = _merged_step(model, x, args, gen, result)
     step(), step()
-    result["peak_rss_mb"] = _peak_rss_mb()
+    from adamerge.memory import process_memory_mb
+
+    result["peak_rss_mb"] = process_memory_mb("VmHWM")
     return result
 
 

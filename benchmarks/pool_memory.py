@@ -26,14 +26,6 @@ import tempfile
 from pathlib import Path
 
 
-def _rss_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def _model():
     from adamerge.zoo import create_backbone
 
@@ -58,6 +50,7 @@ def worker(folder: str, size: int, naive: bool) -> dict:
     import torch
     from safetensors.torch import load_file
 
+    from adamerge.memory import process_memory_mb
     from adamerge.methods.fw_merging import oracle_scores
     from adamerge.pool import CheckpointPool
 
@@ -67,7 +60,7 @@ def worker(folder: str, size: int, naive: bool) -> dict:
     grad = {k: torch.randn(base[k].shape) for k in keys}  # gradient-shaped, as an iteration has one
     paths = {f"c{c}": os.path.join(folder, f"c{c}.safetensors") for c in range(size)}
     lam = torch.full((size, len(keys)), 1.0 / size, dtype=torch.float64)
-    before = _rss_mb("VmRSS")
+    before = process_memory_mb("VmRSS")
     out: dict = {"size": size, "naive": naive}
     if naive:  # the public port's way: every candidate in memory, then combined
         cands = [load_file(p) for p in paths.values()]
@@ -81,7 +74,7 @@ def worker(folder: str, size: int, naive: bool) -> dict:
         out["pool_peak_live_mb"] = pool.peak_live_bytes / 2**20
         out["pool_read_mb"] = pool.bytes_read / 2**20
     out["rss_before_mb"] = before
-    out["peak_rss_mb"] = _rss_mb("VmHWM")
+    out["peak_rss_mb"] = process_memory_mb("VmHWM")
     out["growth_mb"] = out["peak_rss_mb"] - before
     out["candidate_mb"] = sum(base[k].numel() * base[k].element_size() for k in keys) / 2**20
     return out

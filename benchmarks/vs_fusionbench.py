@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -66,44 +67,35 @@ CASES: dict[str, dict] = {
                        "embed_dim": 8},
              "tasks": 2, "classes": 3, "batch": 4, "warmup": 1, "timed": 2},
 }
-# adamerge's options on every timing case (micro_batch: its default unless --micro-batch says)
-OURS = {"storage_dtype": "float32", "micro_batch": None}
 
 
 # ------------------------------------------------------------------------------ both sides
+@functools.lru_cache(maxsize=None)
+def _adamerge_file(name: str):
+    """A standard-library-only module of adamerge (``_compat``, ``memory``), loaded from its file:
+    the peer's environment does not have adamerge installed, and both sides must measure alike."""
+    spec = importlib.util.spec_from_file_location(f"_adamerge_{name}", REPO / "adamerge" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def rss_mb(field: str = "VmRSS") -> float:
     """This process's resident memory (``VmRSS``) or its high-water mark (``VmHWM``), in MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no {field} in /proc/self/status")
+    return _adamerge_file("memory").process_memory_mb(field)
 
 
 def reset_peak() -> bool:
-    """Reset the kernel's high-water mark of this process's RSS (``clear_refs`` 5), after handing
-    the heap pages the harness freed (its generated experts) back to the OS, on both sides alike."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
+    """Reset the high-water mark of this process's RSS, after handing the heap pages the harness
+    freed (its generated experts) back to the OS, on both sides alike."""
+    memory = _adamerge_file("memory")
+    memory.release_freed_memory()
+    return memory.reset_peak_memory()
 
 
 def _fix_torchvision() -> None:
-    """adamerge's CPU-torch torchvision fix, loaded from its file (the peer's environment does
-    not have adamerge installed)."""
-    spec = importlib.util.spec_from_file_location("_adamerge_compat", REPO / "adamerge" / "_compat.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.ensure_torchvision()
+    """adamerge's CPU-torch torchvision fix (before lightning/torchmetrics import torchvision)."""
+    _adamerge_file("_compat").ensure_torchvision()
 
 
 def build_case(spec: dict) -> dict:
@@ -436,14 +428,15 @@ def time_to_accuracy(args, work: Path, say) -> dict:
     spec |= {"timing": False, "warmup": 0, "timed": args.peer_steps, "clamp": False}
     say(f"[tta] FusionBench defaults: Adam 1e-3, {args.peer_steps} steps, init 0.3, no clamp, batch 16 per task")
     peer = _run_worker("peer", spec, args.peer_python, work, args.threads, args.timeout)
-    streams, heads, _ = _zoo_parts(spec)
+    parts = _zoo_parts(spec)  # streams, heads, task vectors: loaded once for all three runs
+    streams, heads, _ = parts
     backbone = create_backbone(pretrained=False)
     backbone.load_state_dict(load_file(peer["out"] + ".final.safetensors"))
     target = evaluate(backbone, heads, streams, 256)
     say(f"[tta] FusionBench: {target['mean']:.4f} mean accuracy after {peer['train_s']:.1f} s of training")
     method, options = LEARNED[RECOMMENDED]
-    ours = _ours_run(spec, method, dict(options), target["mean"], args)
-    settled = _ours_run(spec, method, {**options, "early_stop": EARLY_STOP}, None, args)
+    ours = _ours_run(parts, method, dict(options), target["mean"], args)
+    settled = _ours_run(parts, method, {**options, "early_stop": EARLY_STOP}, None, args)
     for name, r in (("to the target", ours), ("early_stop", settled)):
         say(f"[tta] adamerge {RECOMMENDED} {name}: {r['accuracy']:.4f} after {r['train_s']:.1f} s ({r['steps']} steps)")
     return {"peer": {"accuracy": target, "train_s": peer["train_s"], "steps": args.peer_steps,
@@ -454,7 +447,7 @@ def time_to_accuracy(args, work: Path, say) -> dict:
             "early_stop_time_ratio": settled["train_s"] / peer["train_s"]}
 
 
-def _ours_run(spec: dict, method: str, options: dict, target: float | None, args) -> dict:
+def _ours_run(parts: tuple, method: str, options: dict, target: float | None, args) -> dict:
     """adamerge's fit on the demo zoo. With a ``target``: accuracy every ``args.eval_every``
     steps (the clock paused), stopping once the mean reaches it; without: scored once at the end."""
     import lightning as L
@@ -464,7 +457,7 @@ def _ours_run(spec: dict, method: str, options: dict, target: float | None, args
     from adamerge.training import extra_trainer_callbacks, fit
     from adamerge.zoo import create_backbone
 
-    streams, heads, tv = _zoo_parts(spec)
+    streams, heads, tv = parts
     torch.set_num_threads(args.threads)
 
     class Watch(L.Callback):

@@ -11,7 +11,7 @@ import torch
 from adamerge.data import LinearHead, StepBatch
 from adamerge.merged import MergedModel
 from adamerge.methods import create_method
-from adamerge.solvers import create_solver
+from adamerge.solvers import create_solver, list_solvers
 from adamerge.task_vectors import TaskVectors
 from adamerge.training import MergeModule
 
@@ -109,7 +109,7 @@ def test_a_fit_with_micro_batch_reaches_the_batched_coefficients(tiny_zoo_dir, t
     assert not torch.allclose(coef[False], torch.full_like(coef[False], 0.3))  # it trained
 
 
-@pytest.mark.parametrize("solver", __import__("adamerge.solvers", fromlist=["list_solvers"]).list_solvers(needs_data=True))
+@pytest.mark.parametrize("solver", list_solvers(needs_data=True))
 def test_every_data_solver_trains_the_same_with_micro_batch(tiny_zoo_dir, tmp_path, solver):
     """Generated from the solver registry: a new data solver is checked for free (line searches
     evaluate the loss without gradients, the bi-level solver trains masks too)."""
