@@ -11,9 +11,9 @@ ensure_torchvision()
 __version__ = "0.1.0"
 
 from adamerge.errors import AdamergeError, InputError, NonFiniteLossError  # noqa: E402
-from adamerge.task_vectors import TaskVectors  # noqa: E402
-from adamerge.granularity import make_grouping  # noqa: E402
-from adamerge.merged import MergedModel  # noqa: E402
+from adamerge.core.task_vectors import TaskVectors  # noqa: E402
+from adamerge.core.granularity import make_grouping  # noqa: E402
+from adamerge.core.merged import MergedModel  # noqa: E402
 from adamerge.methods import build_data_free, create_method, list_methods, register_method  # noqa: E402
 
 __all__ = [
@@ -33,8 +33,16 @@ __all__ = [
 
 def __getattr__(name: str):
     # Lightning is imported only when training is used
-    if name in ("fit", "evaluate"):
-        from adamerge import training
+    if name == "fit":
+        from adamerge.plan import fit
 
-        return getattr(training, name)
+        return fit
+    if name == "RunPlan":
+        from adamerge.plan import RunPlan
+
+        return RunPlan
+    if name == "evaluate":
+        from adamerge.train.evaluation import evaluate
+
+        return evaluate
     raise AttributeError(name)

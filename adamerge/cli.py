@@ -35,10 +35,7 @@ def _overrides(extra: list[str]) -> list[tuple[str, object]]:
 
 
 def cmd_fit(args, extra) -> int:
-    from adamerge.config import build_all, load_config
-    from adamerge.errors import InputError
-    from adamerge.runs import RunFolder
-    from adamerge.training import fit
+    from adamerge.plan import RunPlan
 
     overrides = _overrides(extra)
     if args.run_dir:
@@ -46,69 +43,14 @@ def cmd_fit(args, extra) -> int:
     for key, value in (("trainer.accelerator", args.accelerator), ("trainer.devices", args.devices), ("trainer.strategy", args.strategy)):
         if value is not None:
             overrides.append((key, value))
-    cfg = load_config(args.config, overrides)
-    run_dir = Path(cfg["run_dir"])
-    run = RunFolder(run_dir)
-    if args.resume:
-        if not run.config_path.exists():
-            raise InputError(f"cannot resume: {run.config_path} does not exist")
-        cfg = run.read_config()  # the run continues with the config it started with
-    elif run.checkpoints.exists() or run.state_path.exists() or run.results_path.exists():
-        raise InputError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --run-dir")
-    _check_method(cfg)
-    parts = build_all(cfg)
-    _check_inputs(cfg, parts)
-    if not args.resume:
-        run.write_config(cfg)
-    results = fit(
-        run_dir, parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
-        seed=cfg["seed"], resume=args.resume, progress=not args.no_progress, trainer_options=cfg["trainer"],
-        checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"], cache_dir=cfg.get("cache_dir"),
-        labeled=parts.get("labeled"), pool=cfg.get("pool"),
-    )
+    plan = RunPlan.from_config(args.config, overrides, resume=args.resume, progress=not args.no_progress).build()
+    results = plan.fit()
     rows = {k: results[k] for k in ("before", "after") if results and results.get(k)}
     if rows:
-        _print_table(rows, parts["tasks"])
+        _print_table(rows, plan.parts["tasks"])
     if results:
-        print(f"run written to {run_dir}")
+        print(f"run written to {plan.run_dir}")
     return 0
-
-
-def _check_method(cfg: dict) -> None:
-    """Method, options and solver options are valid (before anything is written)."""
-    from adamerge.errors import InputError
-    from adamerge.methods import create_method
-
-    method = create_method(cfg["method"])
-    mcfg = method.config(cfg["options"])
-    _solvers(method, mcfg)
-    if method.uses_labels_with(mcfg) and not cfg.get("labeled"):
-        raise InputError(f"method '{cfg['method']}' with objective '{mcfg.objective}' needs labels: give a labeled split"
-                         " (config 'labeled:'); the scored streams are never trained on with labels")
-
-
-def _check_inputs(cfg: dict, parts: dict) -> None:
-    """What needs the built inputs (granularity against the model, batch size against the
-    streams, the method's own checks such as FW-Merging's pool), before anything is written."""
-    from adamerge.data import check_batch_size
-    from adamerge.granularity import make_grouping
-    from adamerge.methods import create_method
-
-    from adamerge.merged import MergedModel
-
-    MergedModel._check_keys(parts["model"], parts["tv"])  # the weights fit the architecture
-    method = create_method(cfg["method"])
-    mcfg = method.config(cfg["options"])
-    make_grouping(mcfg.granularity, {n: p.shape for n, p in parts["model"].named_parameters()}, seed=cfg["seed"])
-    if any(s.needs_data for s in _solvers(method, mcfg)) and mcfg.steps > 0:
-        check_batch_size(parts["streams"], mcfg.batch_size)
-    method.validate(cfg, parts["model"])
-
-
-def _solvers(method, mcfg) -> list:
-    from adamerge.solvers import create_solver
-
-    return [create_solver(name, mcfg, args) for name, args, _ in method.solvers(mcfg)]
 
 
 def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:
@@ -123,52 +65,16 @@ def _print_table(rows: dict[str, dict], tasks: list[str]) -> str:
 
 
 def cmd_eval(args, extra) -> int:
-    from adamerge.config import build_all, load_config
     from adamerge.errors import InputError
     from adamerge.io.files import atomic_write_json
-    from adamerge.methods import build_data_free
-    from adamerge.training import evaluate
+    from adamerge.workflows.evaluate import evaluate_merges, evaluate_run
 
     if args.run:
-        rows = _eval_run(args.run)
+        rows = evaluate_run(args.run)
+    elif args.config:
+        rows = evaluate_merges(args.config, _overrides(extra), args.method, args.lam, args.density)
     else:
-        if not args.config:
-            raise InputError("eval needs --config (with --method) or --run")
-        from adamerge.config import set_dotted
-        from adamerge.merges import get_merge
-
-        overrides = _overrides(extra)
-        # --options.KEY VALUE are the merge's options (all must be known to it); the config's
-        # options: section is shared with fit, so only the keys the merge declares are read from it
-        given = [(k[len("options."):], v) for k, v in overrides if k.startswith("options.")]
-        cfg = load_config(args.config, [(k, v) for k, v in overrides if not k.startswith("options.")])
-        parts = build_all(cfg)
-        model, tv = parts["model"], parts["tv"]
-        rows = {}
-        method = args.method or "task_arithmetic"
-        if method == "pretrained":
-            from adamerge.merges import merged_state
-
-            model.load_state_dict(merged_state(tv.base, {}))
-            rows["pretrained"] = evaluate(model, parts["heads"], parts["streams"])
-        else:
-            spec = get_merge(method)
-            names = spec.option_names()
-            options = {k: v for k, v in (cfg.get("options") or {}).items() if k in names}
-            for key, value in given:
-                set_dotted(options, key, value)
-            if args.density is not None:
-                options["density"] = args.density
-            if args.lam and "lam" not in names:
-                raise InputError(f"merge '{method}' has no λ (--lam); its options: {names}")
-            spec.options(options)  # every option checked before any merge runs
-            for lam in args.lam or [None]:
-                opts = {**options, **({} if lam is None else {"lam": lam})}
-                # the row's name: λ (always, for merges that have one), then the options given
-                shown = ({"lam": spec.options(opts).lam} if "lam" in names else {}) | opts
-                label = ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in shown.items())
-                mm = build_data_free(method, model, tv, options=opts, heads=parts["heads"], streams=parts["streams"])
-                rows[f"{method}({label})" if label else method] = evaluate(mm, parts["heads"], parts["streams"])
+        raise InputError("eval needs --config (with --method) or --run")
     if any(r is None for r in rows.values()):
         raise InputError("the data streams have no labels, so there is nothing to score")
     tasks = list(next(iter(rows.values()))["per_task"])
@@ -178,24 +84,8 @@ def cmd_eval(args, extra) -> int:
     return 0
 
 
-def _eval_run(run_dir: str) -> dict:
-    """A finished run's scores: recomputed from its coefficients, or (own-loop methods such as T3,
-    whose model depends on each input) the scores the run recorded."""
-    from adamerge.export import load_run
-    from adamerge.methods import create_method
-    from adamerge.runs import RunFolder
-    from adamerge.training import evaluate
-
-    run = RunFolder(run_dir)
-    run.require_finished()
-    if create_method(run.read_config()["method"]).own_loop:
-        return {f"run:{Path(run_dir).name} (recorded)": run.read_results().get("after")}
-    merged, parts, _ = load_run(run_dir)
-    return {f"run:{Path(run_dir).name}": evaluate(merged, parts["heads"], parts["streams"])}
-
-
 def cmd_export(args, extra) -> int:
-    from adamerge.export import export_run
+    from adamerge.workflows.export import export_run
 
     out, what = export_run(args.run, args.out, force=args.force,
                            task_masks=args.mask_lambda if args.task_masks else None)
@@ -204,24 +94,15 @@ def cmd_export(args, extra) -> int:
 
 
 def cmd_inspect(args, extra) -> int:
-    from adamerge.config import build_model, load_config
-    from adamerge.granularity import make_grouping
-    from adamerge.io.state_dicts import load_state_dict
+    from adamerge.workflows.evaluate import coefficient_groups
 
-    cfg = load_config(args.config, _overrides(extra))
-    model, _ = build_model(cfg["model"])
-    base = load_state_dict(cfg["base"], prefix=cfg["prefix"])
-    shapes = {n: base[n].shape if n in base else p.shape for n, p in model.named_parameters()}
-    spec = args.granularity or cfg["options"].get("granularity", "layer")
-    grouping = make_grouping(spec, shapes, seed=cfg["seed"])
-    sizes = grouping.group_sizes(shapes)
-    members = grouping.members()
-    rows = [{"group": n, "tensors": len(members[i]), "parameters": sizes[i], "names": members[i]} for i, n in enumerate(grouping.group_names)]
+    result = coefficient_groups(args.config, _overrides(extra), args.granularity)
     if args.json:
-        print(json.dumps({"granularity": grouping.spec, "groups": rows}, indent=2))
+        print(json.dumps(result, indent=2))
         return 0
+    rows = result["groups"]
     width = max(len(r["group"]) for r in rows) + 2
-    print(f"granularity {grouping.spec}: {len(rows)} groups, {sum(sizes)} parameters")
+    print(f"granularity {result['granularity']}: {len(rows)} groups, {sum(r['parameters'] for r in rows)} parameters")
     print("group".ljust(width) + "tensors".rjust(8) + "parameters".rjust(12))
     for r in rows:
         print(r["group"].ljust(width) + f"{r['tensors']:8d}{r['parameters']:12d}")
@@ -229,20 +110,14 @@ def cmd_inspect(args, extra) -> int:
 
 
 def cmd_convert(args, extra) -> int:
-    from adamerge.io.classic import convert_classic
-    from adamerge.io.state_dicts import load_state_dict, save_state_dict
+    from adamerge.workflows.convert import convert
 
-    if Path(args.src).is_file():  # one pickled checkpoint -> one safetensors state dict
-        save_state_dict(load_state_dict(args.src, trust_pickle=args.trust_pickle), args.dst)
-        print(f"converted {args.src} to {args.dst}")
-        return 0
-    manifest = convert_classic(args.src, args.dst, trust_pickle=args.trust_pickle)
-    print(f"converted {len(manifest.get('tasks', []))} tasks to {args.dst}")
+    print(convert(args.src, args.dst, trust_pickle=args.trust_pickle))
     return 0
 
 
 def cmd_predict(args, extra) -> int:
-    from adamerge.predict import predict
+    from adamerge.workflows.predict import predict
 
     summary = predict(args.export, args.input, args.task, args.out, batch_size=args.batch_size,
                       progress=not args.no_progress, trust_code=args.trust_code, force=args.force,
@@ -253,7 +128,7 @@ def cmd_predict(args, extra) -> int:
 
 
 def cmd_demo(args, extra) -> int:
-    from adamerge.demo import run_demo
+    from adamerge.workflows.demo import run_demo
 
     run_demo(
         out=args.out, cache_dir=args.cache_dir, seed=args.seed, tasks=args.tasks, image_size=args.image_size,
@@ -263,7 +138,7 @@ def cmd_demo(args, extra) -> int:
 
 
 def cmd_ablate(args, extra) -> int:
-    from adamerge.ablate import parse_grid, parse_seeds, run_ablation
+    from adamerge.workflows.ablate import parse_grid, parse_seeds, run_ablation
 
     result = run_ablation(args.config, parse_grid(args.grid), parse_seeds(args.seeds), args.out,
                           overrides=_overrides(extra), progress=not args.no_progress)
@@ -274,7 +149,7 @@ def cmd_ablate(args, extra) -> int:
 
 
 def cmd_tune(args, extra) -> int:
-    from adamerge.tune import run_study
+    from adamerge.workflows.tune import run_study
 
     run_study(args.config, args.study, args.storage, args.trials, out=args.out, overrides=_overrides(extra),
               progress=not args.no_progress)
@@ -320,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a run's merged checkpoint (weights, heads, metadata, model card)")
     x.add_argument("run")
     x.add_argument("out")
-    x.add_argument("--force", action="store_true")
+    x.add_argument("--force", action="store_true",
+                   help="replace OUT when it is a previous export (its adamerge.json and export files only); never a run"
+                        " folder, an input of the run or a folder containing one, nor a folder holding other files")
     x.add_argument("--task-masks", action="store_true",
                    help="also store bit-packed per-task TALL masks (task_masks.safetensors) to rebuild each task's model")
     x.add_argument("--mask-lambda", type=float, default=0.4, help="λ of the TALL masks |τ_t| > λ·|τ_merged − τ_t|")
@@ -344,8 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--task", required=True, help="the task whose head scores the inputs")
     r.add_argument("--out", default="predictions.csv")
     r.add_argument("--batch-size", type=int, default=64)
-    r.add_argument("--force", action="store_true", help="replace an existing --out file")
-    r.add_argument("--trust-code", action="store_true", help="allow a 'python' model source named in the export's metadata")
+    r.add_argument("--force", action="store_true",
+                   help="replace an existing --out file that is a previous predictions CSV (never a folder or an input)")
+    r.add_argument("--trust-code", action="store_true",
+                   help="allow an export whose metadata reads code or weights from outside the export folder: a 'python'"
+                        " model source (imports code), or a model checkpoint/pretrained/name that is an absolute or '..'"
+                        " path, a pretrained tag, a hub or local-dir name or a URL (reads other files or downloads)")
     r.add_argument("--no-task-masks", action="store_true",
                    help="serve the one merged checkpoint even when the export holds per-task TALL masks")
     r.add_argument("--no-progress", action="store_true")

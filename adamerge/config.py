@@ -15,7 +15,8 @@ Schema (paths are relative to the config file)::
     data: {mnist: {folder: data/mnist/test}, ...}   # or {tensors: file.safetensors} with x (and y)
     labeled: {mnist: {tensors: train.safetensors}}  # optional: a labeled split (few-shot methods);
                                                     # never the scored stream
-    storage_dtype: float32              # or bfloat16
+    storage_dtype: auto                 # the task vectors' storage: auto (float64 for a float64
+                                        # base, else float32), float32, bfloat16 or float64
     method: adamerging
     options: {granularity: layer, steps: 500, lr: 0.001, batch_size: 16, ...}
     trainer: {accelerator: cpu, devices: 1, strategy: auto}
@@ -23,7 +24,8 @@ Schema (paths are relative to the config file)::
     cache_dir: null                     # experts' cached predictions (expert_distill); share it
                                         # between runs over the same experts and streams
     pool: {mnist: experts/mnist.safetensors, other: ft/other.safetensors}  # fw_merging's candidates
-                                        # (safetensors; a list of paths names them by file stem;
+                                        # (safetensors; a list of paths names them by file stem,
+                                        # a_x, b_x for a/x, b/x where stems repeat;
                                         # default: the experts)
 """
 from __future__ import annotations
@@ -41,7 +43,7 @@ from adamerge.errors import InputError
 DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "prefix": None,
-    "storage_dtype": "float32",
+    "storage_dtype": "auto",
     "method": "adamerging",
     "options": {},
     "trainer": {"accelerator": "cpu", "devices": 1, "strategy": "auto"},
@@ -76,7 +78,7 @@ def set_dotted(cfg: dict, key: str, value: Any) -> None:
 
 
 def load_config(path: str | Path, overrides: list[tuple[str, Any]] | None = None) -> dict:
-    """Read YAML, apply dotted overrides, fill defaults and make paths absolute."""
+    """Read YAML, apply dotted overrides, fill defaults and make paths absolute (relative to the file)."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"config file {path} does not exist")
@@ -86,22 +88,28 @@ def load_config(path: str | Path, overrides: list[tuple[str, Any]] | None = None
         raise InputError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
     except UnicodeDecodeError:
         raise InputError(f"{path}: not a text file (a YAML config is UTF-8 text)") from None
+    return resolve_config(raw, overrides, path.parent, where=str(path))
+
+
+def resolve_config(raw: Any, overrides: list[tuple[str, Any]] | None, root: Path, where: str = "config") -> dict:
+    """A config mapping (as read from YAML) with overrides applied, defaults filled and paths
+    made absolute relative to ``root``."""
     if not isinstance(raw, dict):
-        raise InputError(f"{path}: the top level must be a mapping")
+        raise InputError(f"{where}: the top level must be a mapping")
     from adamerge.registry import did_you_mean
 
     for key in list(raw) + [k.split(".")[0] for k, _ in overrides or []]:
         if key not in KNOWN_KEYS:
-            raise InputError(f"{path}: unknown config key '{key}'{did_you_mean(key, list(KNOWN_KEYS))}; known: {sorted(KNOWN_KEYS)}")
+            raise InputError(f"{where}: unknown config key '{key}'{did_you_mean(key, list(KNOWN_KEYS))}; known: {sorted(KNOWN_KEYS)}")
     cfg = copy.deepcopy(DEFAULTS)
-    for key, value in raw.items():
+    for key, value in copy.deepcopy(raw).items():
         cfg[key] = {**cfg[key], **value} if isinstance(cfg.get(key), dict) and isinstance(value, dict) else value
     for key, value in overrides or []:
         set_dotted(cfg, key, value)
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
-        raise InputError(f"{path}: missing required section '{missing[0]}'")
-    return resolve_paths(cfg, path.parent)
+        raise InputError(f"{where}: missing required section '{missing[0]}'")
+    return resolve_paths(cfg, root)
 
 
 def resolve_paths(cfg: dict, root: Path) -> dict:
@@ -135,10 +143,38 @@ def resolve_paths(cfg: dict, root: Path) -> dict:
     if cfg.get("pool"):
         pool = cfg["pool"]
         if isinstance(pool, list):
-            pool = {Path(str(p)).stem: p for p in pool}
+            # named by file stem (a/x.safetensors -> x); stems that repeat take as many parent
+            # folders as make them unique, joined by "_" (a/x, b/x -> a_x, b_x; r1/a/x, r2/a/x ->
+            # r1_a_x, r2_a_x); a file listed twice is refused below
+            if not all(isinstance(p, str) for p in pool):
+                raise InputError("'pool' must map candidate names to safetensors paths (or list the paths)")
+            parts = [Path(fix(p)).with_suffix("").parts for p in pool]
+            depth = [1] * len(pool)
+            while True:
+                names = ["_".join(pp[-d:]).lstrip("/_") or pp[-1] for pp, d in zip(parts, depth)]
+                clash = {n for n in names if names.count(n) > 1}
+                grow = [i for i, n in enumerate(names) if n in clash and depth[i] < len(parts[i])]
+                if not clash or not grow:
+                    break
+                for i in grow:
+                    depth[i] += 1
+            if clash:
+                same = [i for i, n in enumerate(names) if n in clash]
+                if len({str(Path(fix(pool[i])).resolve()) for i in same}) < len(same):
+                    raise InputError(f"'pool' lists {pool[same[0]]} twice; list each candidate once")
+                raise InputError(f"'pool': cannot name {[pool[i] for i in same]} apart by their folders; "
+                                 "give 'pool' as a mapping {name: path}")
+            pool = dict(zip(names, pool))
         if not isinstance(pool, dict) or not all(isinstance(p, str) for p in pool.values()):
             raise InputError("'pool' must map candidate names to safetensors paths (or list the paths)")
-        cfg["pool"] = {str(n): fix(p) for n, p in pool.items()}
+        resolved = {str(n): fix(p) for n, p in pool.items()}
+        seen: dict[str, str] = {}
+        for name, path in resolved.items():
+            real = str(Path(path).resolve())
+            if real in seen:
+                raise InputError(f"'pool' lists {path} twice (as '{seen[real]}' and '{name}'); list each candidate once")
+            seen[real] = name
+        cfg["pool"] = resolved
     cfg["run_dir"] = fix(cfg["run_dir"])
     if cfg.get("cache_dir"):
         cfg["cache_dir"] = fix(cfg["cache_dir"])
@@ -154,7 +190,7 @@ def build_model(spec: dict) -> tuple[nn.Module, Callable | None]:
 
 
 def build_heads(cfg: dict, cache_dir: Path | None = None) -> dict[str, nn.Module]:
-    from adamerge.data import LinearHead
+    from adamerge.train.data import LinearHead
     from adamerge.io.state_dicts import load_state_dict
 
     heads = {}
@@ -183,7 +219,7 @@ def _full_clip(m: dict):
 def build_streams(cfg: dict, transform: Callable | None, section: str = "data") -> list:
     """The streams of a config section: ``data`` (the scored, unlabeled-at-training streams) or
     ``labeled`` (a labeled split for few-shot methods, never scored)."""
-    from adamerge.data import stream_from_folder, stream_from_tensors
+    from adamerge.train.data import stream_from_folder, stream_from_tensors
     from adamerge.io.state_dicts import load_state_dict
 
     streams = []
@@ -222,18 +258,16 @@ def check_tasks(cfg: dict) -> list[str]:
 
 
 def build_all(cfg: dict) -> dict:
-    """Everything a run needs: model, task vectors, heads and streams."""
-    from adamerge.task_vectors import TaskVectors
+    """Everything a run needs: model, task vectors, heads and streams (built, not checked against
+    each other: :class:`adamerge.plan.RunPlan` runs those checks, once)."""
+    from adamerge.core.task_vectors import TaskVectors
 
-    tasks = check_tasks(cfg)
+    tasks = list(cfg["experts"])
     model, transform = build_model(cfg["model"])
     tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
     heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache")
     streams = build_streams(cfg, transform)
     labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None
-    if labeled and sorted(s.name for s in labeled) != sorted(tasks):
-        raise InputError(f"labeled tasks {sorted(s.name for s in labeled)} do not match experts {sorted(tasks)}")
-    check_labels(heads, streams + (labeled or []))
     return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": tasks, "labeled": labeled}
 
 

@@ -1,7 +1,7 @@
 """Overhead of learning merge coefficients against training the plain model.
 
 For each model and number of tasks T this times one training step of a
-:class:`adamerge.merged.MergedModel` (merge + forward + backward to the coefficients) and the
+:class:`adamerge.core.merged.MergedModel` (merge + forward + backward to the coefficients) and the
 same forward + backward of the plain model with trainable weights (the reference), on the same
 batch, and reports the overhead, the peak resident memory and the tensor bytes the merged model
 holds in units of the model's parameter size.
@@ -66,7 +66,7 @@ def _head(model, x):
     """A seeded linear head over the model's features (``--per-task``: entropy through it)."""
     import torch
 
-    from adamerge.data import LinearHead
+    from adamerge.train.data import LinearHead
 
     with torch.no_grad():
         dim = model(x[:1]).shape[-1]
@@ -77,7 +77,7 @@ def _reference_step(model, x, tasks: int = 0):
     """One forward + backward of the plain model with trainable weights; with ``tasks``, one
     forward + backward per task's share of the images (entropy through a head), the work the
     merged model's ``micro_batch`` step does."""
-    from adamerge.objectives import entropy
+    from adamerge.train.objectives import entropy
 
     for p in model.parameters():
         p.requires_grad_(True)
@@ -99,13 +99,13 @@ def _merged_step(model, x, args, gen, result: dict):
     alone (no network); fills the memory fields of ``result``."""
     import torch
 
-    import adamerge.merged
-    from adamerge.merged import MergedModel
-    from adamerge.task_vectors import STORAGE_DTYPES, TaskVectors
+    import adamerge.core.merged
+    from adamerge.core.merged import MergedModel
+    from adamerge.core.task_vectors import STORAGE_DTYPES, TaskVectors
 
     if args.cpu_chunk is not None:
-        adamerge.merged.CPU_CHUNK = args.cpu_chunk
-    result["cpu_chunk"] = adamerge.merged.CPU_CHUNK
+        adamerge.core.merged.CPU_CHUNK = args.cpu_chunk
+    result["cpu_chunk"] = adamerge.core.merged.CPU_CHUNK
     params = dict(model.named_parameters())
     model_bytes = sum(p.numel() * p.element_size() for p in params.values())
     dtype = STORAGE_DTYPES[args.dtype]
@@ -129,7 +129,7 @@ def _merged_step(model, x, args, gen, result: dict):
     if args.per_task:  # the training module's own step: options.micro_batch = true
         from adamerge.methods import create_method
         from adamerge.solvers import create_solver
-        from adamerge.training import MergeModule
+        from adamerge.train.loop import MergeModule
 
         cfg = create_method("adamerging").config({"granularity": args.granularity, "micro_batch": True})
         head = _head(model, x)
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument(
         "--cpu-chunk", type=int, default=None,
-        help="elements per block of the CPU merge (adamerge.merged.CPU_CHUNK; 0 = one BLAS call per tensor)",
+        help="elements per block of the CPU merge (adamerge.core.merged.CPU_CHUNK; 0 = one BLAS call per tensor)",
     )  # fmt: skip
     p.add_argument("--min-time", type=float, default=0.5, help="seconds a timed unit lasts at least (tiny models: many steps)")
     p.add_argument("--json", default=None, help="also write the raw results to this file")

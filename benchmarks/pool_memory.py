@@ -52,7 +52,7 @@ def worker(folder: str, size: int, naive: bool) -> dict:
 
     from adamerge.memory import process_memory_mb
     from adamerge.methods.fw_merging import oracle_scores
-    from adamerge.pool import CheckpointPool
+    from adamerge.core.pool import CheckpointPool
 
     model = _model()
     keys = [n for n, _ in model.named_parameters()]

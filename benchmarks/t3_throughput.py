@@ -25,8 +25,8 @@ from pathlib import Path
 
 
 def _load(zoo: str, cache_dir: str | None):
-    from adamerge.data import LinearHead
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.train.data import LinearHead
+    from adamerge.core.task_vectors import TaskVectors
 
     if zoo == "tiny":
         from adamerge.zoo.tiny import build_tiny_zoo, tiny_vit
@@ -35,7 +35,7 @@ def _load(zoo: str, cache_dir: str | None):
         tv = TaskVectors.from_state_dicts(z.base, z.experts)
         task = tv.task_names[0]
         return tiny_vit(0).eval(), tv, dict(z.heads), task, z.streams[0].dataset.x
-    from adamerge.demo import DEFAULT_TASKS, FULL
+    from adamerge.workflows.demo import DEFAULT_TASKS, FULL
     from adamerge.zoo import build_zoo, create_backbone, list_tasks
 
     tasks = [t for t in DEFAULT_TASKS if t in list_tasks(available_only=True)]
@@ -49,9 +49,9 @@ def _load(zoo: str, cache_dir: str | None):
 def main(argv: list[str] | None = None) -> dict:
     import torch
 
-    from adamerge.data import images_layout
+    from adamerge.train.data import images_layout
     from adamerge.merges import merged_state
-    from adamerge.test_time import T3Options, TestTimeMerger, t3_merged_model
+    from adamerge.core.test_time import T3Options, TestTimeMerger, t3_merged_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--zoo", choices=["demo", "tiny"], default="demo")

@@ -10,7 +10,7 @@ environment (FusionBench 0.2.33 beside ours, the same constraints file)::
 The driver (run with adamerge's environment) starts one worker process per side and round,
 alternating ours / peer, and reads back a JSON file from each:
 
-- **ours** trains through :func:`adamerge.training.fit` (the product's Lightning loop, a callback
+- **ours** trains through :func:`adamerge.plan.fit` (the product's Lightning loop, a callback
   stamping each step);
 - **peer** runs FusionBench's own ``LayerWiseMergedModel`` and the test-time loop of its
   ``LayerWiseAdaMergingAlgorithm``, subclassed only to supply the batches and ``compute_logits``
@@ -169,11 +169,12 @@ def ours_worker(spec: dict, out: str) -> dict:
     import lightning as L
     import torch
 
-    from adamerge.data import LinearHead, stream_from_tensors
+    from adamerge.train.data import LinearHead, stream_from_tensors
     from adamerge.methods import create_method
     from adamerge.solvers import create_solver
-    from adamerge.task_vectors import TaskVectors
-    from adamerge.training import MergeModule, extra_trainer_callbacks, fit
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.plan import fit
+    from adamerge.train.loop import MergeModule, extra_trainer_callbacks
 
     case = build_case(spec)
     names = case["names"]
@@ -336,7 +337,7 @@ def _zoo_streams(work: Path) -> tuple[str, str, list[str]]:
     """The demo zoo (built or loaded from the cache) and its test streams as one file."""
     from safetensors.torch import save_file
 
-    from adamerge.demo import DEFAULT_TASKS, FULL
+    from adamerge.workflows.demo import DEFAULT_TASKS, FULL
     from adamerge.zoo import build_zoo, list_tasks
 
     tasks = [t for t in DEFAULT_TASKS if t in list_tasks(available_only=True)]
@@ -397,8 +398,8 @@ def _zoo_parts(spec: dict) -> tuple:
     """The demo zoo's labeled test streams, heads and task vectors, for adamerge's side."""
     from safetensors.torch import load_file
 
-    from adamerge.data import LinearHead, stream_from_tensors
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.train.data import LinearHead, stream_from_tensors
+    from adamerge.core.task_vectors import TaskVectors
 
     zoo, names = Path(spec["model"]["dir"]), spec["task_names"]
     data = load_file(spec["model"]["streams"])
@@ -420,8 +421,8 @@ def time_to_accuracy(args, work: Path, say) -> dict:
     Training time only on both sides (loading and evaluation not counted)."""
     from safetensors.torch import load_file
 
-    from adamerge.demo import LEARNED, RECOMMENDED
-    from adamerge.evaluation import evaluate
+    from adamerge.workflows.demo import LEARNED, RECOMMENDED
+    from adamerge.train.evaluation import evaluate
     from adamerge.zoo import create_backbone
 
     spec = _case_spec("demo_zoo", args, work)
@@ -453,8 +454,9 @@ def _ours_run(parts: tuple, method: str, options: dict, target: float | None, ar
     import lightning as L
     import torch
 
-    from adamerge.evaluation import evaluate
-    from adamerge.training import extra_trainer_callbacks, fit
+    from adamerge.train.evaluation import evaluate
+    from adamerge.plan import fit
+    from adamerge.train.loop import extra_trainer_callbacks
     from adamerge.zoo import create_backbone
 
     streams, heads, tv = parts

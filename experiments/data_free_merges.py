@@ -7,9 +7,9 @@ whose best point is chosen on the scored test labels (as the demo does for task 
 other rows use options fixed before any score was seen (the merges' defaults). Then:
 
 - TALL masks: for the recommended learned merge and for task arithmetic λ = 0.3, every task's
-  model is rebuilt from the merged checkpoint with its bit-packed mask (``adamerge.task_masks``)
+  model is rebuilt from the merged checkpoint with its bit-packed mask (``adamerge.io.task_masks``)
   and scored on its own task, next to the expert; the mask file's bytes against the model's.
-- the recommended learned method (``RECOMMENDED`` in ``adamerge.demo``) fitted as is, with
+- the recommended learned method (``RECOMMENDED`` in ``adamerge.workflows.demo``) fitted as is, with
   ``preprocess`` = the best rewriting merge, and with ``init`` = LiNeS's depth profile.
 
     OMP_NUM_THREADS=1 python experiments/data_free_merges.py --out DIR --seeds 0 1   # heavy: ~30 min on 2 cores
@@ -25,16 +25,17 @@ import tempfile
 import time
 from pathlib import Path
 
-from adamerge.data import LinearHead, stream_from_tensors
-from adamerge.demo import DEFAULT_TASKS, FULL, LEARNED, RECOMMENDED
+from adamerge.train.data import LinearHead, stream_from_tensors
+from adamerge.workflows.demo import DEFAULT_TASKS, FULL, LEARNED, RECOMMENDED
 from adamerge.io.files import atomic_save_safetensors, atomic_write_json
 from adamerge.merges import get_merge
 from adamerge.methods import create_method
 from adamerge.methods.data_free import merged_model
-from adamerge.runs import RunFolder
-from adamerge.task_masks import MASKS_FILE, load_task_state, save_task_masks
-from adamerge.task_vectors import TaskVectors
-from adamerge.training import evaluate, fit
+from adamerge.train.runs import RunFolder
+from adamerge.io.task_masks import MASKS_FILE, load_task_state, save_task_masks
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.plan import fit
+from adamerge.train.evaluation import evaluate
 
 LAMBDAS = FULL.lambdas  # the demo's λ grid
 # options fixed before any score was seen: each merge's defaults (task arithmetic at the demo's 0.3)

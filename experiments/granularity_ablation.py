@@ -1,5 +1,5 @@
 """The granularity ablation on the demo zoo: the recommended method's options (``_REC`` in
-:mod:`adamerge.demo`) at granularity task, block, layer and partition:4, three seeds each,
+:mod:`adamerge.workflows.demo`) at granularity task, block, layer and partition:4, three seeds each,
 through ``adamerge ablate``.
 
     OMP_NUM_THREADS=1 python experiments/granularity_ablation.py --out granularity-ablation [--full]
@@ -28,9 +28,9 @@ GRANULARITIES = "task,block,layer,partition:4"
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adamerge.ablate import parse_grid, parse_seeds, run_ablation
+    from adamerge.workflows.ablate import parse_grid, parse_seeds, run_ablation
     from adamerge.config import dump_config
-    from adamerge.demo import DEFAULT_TASKS, FULL, QUICK, _REC, _zoo_files, row_config
+    from adamerge.workflows.demo import DEFAULT_TASKS, FULL, QUICK, _REC, _zoo_files, row_config
     from adamerge.io.files import atomic_write_text
     from adamerge.zoo import build_zoo, list_tasks
 

@@ -19,13 +19,13 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from adamerge.data import LinearHead, stream_from_tensors
-    from adamerge.demo import DEFAULT_TASKS, QUICK
-    from adamerge.evaluation import accuracy_table
+    from adamerge.train.data import LinearHead, stream_from_tensors
+    from adamerge.workflows.demo import DEFAULT_TASKS, QUICK
+    from adamerge.train.evaluation import accuracy_table
     from adamerge.methods import build_data_free
-    from adamerge.task_vectors import TaskVectors
-    from adamerge.test_time import T3Options, TestTimeMerger, t3_coefficients, t3_merged_model
-    from adamerge.training import evaluate
+    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.core.test_time import T3Options, TestTimeMerger, t3_coefficients, t3_merged_model
+    from adamerge.train.loop import evaluate
     from adamerge.zoo import build_zoo, create_backbone, list_tasks
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

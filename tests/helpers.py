@@ -40,7 +40,7 @@ def crash_then_resume(config: Path, cut_at: int, monkeypatch, solver: str | None
     import pytest
 
     from adamerge.cli import main
-    from adamerge.training import MergeModule
+    from adamerge.train.loop import MergeModule
 
     original = MergeModule.training_step
 
@@ -64,7 +64,7 @@ def assert_export_reproduces(run: Path, out: Path) -> None:
     merged model's outputs."""
     import torch
 
-    from adamerge.export import load_run
+    from adamerge.workflows.export import load_run
     from adamerge.io.state_dicts import load_state_dict
     from adamerge.zoo.tiny import tiny_vit
 

@@ -17,7 +17,7 @@ GRID = ["granularity=task,layer", "solver=gradient,pgd"]
 
 
 def _count_fits(monkeypatch) -> list[str]:
-    import adamerge.ablate as ablate
+    import adamerge.workflows.ablate as ablate
 
     calls: list[str] = []
     original = ablate.fit_cell
@@ -86,7 +86,7 @@ def test_rerun_recomputes_nothing(grid_out, monkeypatch):
 def test_a_killed_cell_is_finished_on_the_rerun_never_counted(tiny_zoo_dir, tmp_path, monkeypatch):
     """A cell cut mid-training (its checkpoint written, no results.json, as after kill -9) is not
     in the table until a rerun finishes it; the rerun fits that cell only."""
-    from adamerge.training import MergeModule
+    from adamerge.train.loop import MergeModule
 
     config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 6, "checkpoint_every": 2})
     args = ["ablate", "--config", str(config), "--grid", "granularity=task,layer", "--out", str(tmp_path / "out"), "--no-progress"]
@@ -162,7 +162,7 @@ def test_progress_resumes_from_its_initial_count():
 def test_every_demo_row_config_reproduces_its_coefficients(tmp_path, monkeypatch):
     """A demo row's run folder holds a config.yaml with which `adamerge fit` reaches the same
     coefficients (the quick demo on a smaller zoo setting)."""
-    import adamerge.demo as demo
+    import adamerge.workflows.demo as demo
     from safetensors.torch import load_file
 
     monkeypatch.setattr(demo, "QUICK", demo.Setting(image_size=16, zoo_steps=3, n_train=40, n_test=32, steps=4, lambdas=(0.3,)))
@@ -179,3 +179,91 @@ def test_every_demo_row_config_reproduces_its_coefficients(tmp_path, monkeypatch
         got = load_file(str(again / "coefficients.safetensors"))["coefficients"]
         assert want.shape == got.shape and torch.allclose(want, got, atol=1e-6), name
         assert json.loads((again / "results.json").read_text())["after"] == json.loads((run / "results.json").read_text())["after"]
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 21: own-loop methods in the table, bad values refused with nothing left behind, one
+# ablation at a time on a folder
+
+
+def test_an_ablation_over_methods_with_an_own_loop_method_writes_its_table_and_reruns(tiny_zoo_dir, tmp_path, monkeypatch):
+    """`--grid method=adamerging,t3`: T3 has no coefficients.safetensors (it picks coefficients per
+    input); its row says n/a and the table, plots and a rerun work."""
+    config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 4, "options.granularity": "task", "checkpoint_every": 2})
+    out = tmp_path / "out"
+    args = ["ablate", "--config", str(config), "--grid", "method=adamerging,t3", "--out", str(out), "--no-progress"]
+    calls = _count_fits(monkeypatch)
+    assert main(args) == 0
+    assert len(calls) == 2
+    rows = {r["method"]: r for r in csv.DictReader((out / "ablation.csv").open())}
+    assert sorted(rows) == ["adamerging", "t3"]
+    assert rows["adamerging"]["coefficients"] == "3" and rows["t3"]["coefficients"] == ""
+    for r in rows.values():
+        res = json.loads((Path(r["run"]) / "results.json").read_text())
+        assert float(r["mean_accuracy"]) == pytest.approx(res["after"]["mean"])
+    assert not (Path(rows["t3"]["run"]) / "coefficients.safetensors").exists()
+    md = (out / "ablation.md").read_text()
+    assert "2 of 2 runs finished" in md and "| t3 | 1 | n/a |" in md
+    for name in ("accuracy_vs_coefficients.png", "coefficients.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    before = (out / "ablation.csv").read_text()
+    calls.clear()
+    assert main(args) == 0  # the rerun reuses both cells and writes the same table
+    assert calls == [] and (out / "ablation.csv").read_text() == before
+
+
+def test_a_table_of_own_loop_cells_only_and_streams_without_labels(tmp_path):
+    """Rows without coefficients or accuracy: the table says n/a and –, the plot leaves them out."""
+    from adamerge.workflows.ablate import AblationResult, plot_accuracy_vs_coefficients, summary_table, write_tables
+
+    rows = [{"method": "t3", "seed": 0, "mean_accuracy": None, "coefficients": None, "wall_seconds": None,
+             "peak_memory_mb": None, "run": "r0"},
+            {"method": "t3", "seed": 1, "mean_accuracy": 0.5, "acc/a": 0.5, "coefficients": None, "wall_seconds": 1.0,
+             "peak_memory_mb": 10.0, "run": "r1"}]
+    table = summary_table(rows, ["method"])
+    assert "| t3 | 2 | n/a | 50.0 | 50.0 | 1.0 | 10 |" in table
+    write_tables(tmp_path, AblationResult(rows=rows, total=2), ["method"], [0, 1])
+    assert "2 of 2 runs finished" in (tmp_path / "ablation.md").read_text()
+    plot_accuracy_vs_coefficients(rows + [dict(rows[1], method="x", coefficients=3)], ["method"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--seeds": ["-1"]}, "--seeds"),
+    ({"--seeds": ["0,1.5"]}, "'1.5'"),
+    ({"--seeds": ["a"]}, "'a'"),
+    ({"--seeds": ["0,,1"]}, "an empty item"),
+    ({"--seeds": ["0,0"]}, "distinct"),
+    ({"--seeds": [str(2**32)]}, "out of range"),
+    ({"--grid": ["method="]}, "has no values"),
+    ({"--grid": ["method=,"]}, "has no values"),
+    ({"--grid": ["lr=0.01", "options.lr=0.1"]}, "given twice"),
+    ({"--grid": ["objective_args={floor: 0.9}", "objective_args.floor=0.5"]}, "set the same option"),
+    ({"--grid": ["lr=0.01,0.1"], "--options.lr": ["0.5"]}, "also given as the override --options.lr"),
+    ({"--out": ["a_file"]}, "is a file, not a folder"),
+    ({"--out": ["a_file/out"]}, "is a file, not a folder"),
+])
+def test_bad_values_are_one_line_errors_that_leave_nothing(tiny_zoo_dir, tmp_path, capsys, monkeypatch, change, message):
+    config = write_config(tmp_path, tiny_zoo_dir)
+    (tmp_path / "a_file").write_text("not a folder")
+    monkeypatch.chdir(tmp_path)
+    args = {"--grid": ["granularity=task,layer"], "--out": [str(tmp_path / "out")], "--seeds": ["0"], **change}
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    assert main(["ablate", "--config", str(config), "--no-progress", *[a for k, v in args.items() for a in (k, *v)]]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("adamerge: error:") and len(err.splitlines()) == 1 and message in err, err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_one_ablation_at_a_time_on_a_folder(tiny_zoo_dir, tmp_path, capsys):
+    """A second `adamerge ablate` on a folder that one is running on is refused, not interleaved."""
+    from adamerge.workflows.ablate import folder_lock
+
+    config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 2})
+    out = tmp_path / "out"
+    out.mkdir()
+    with folder_lock(out, "held"):
+        assert main(["ablate", "--config", str(config), "--grid", "granularity=task", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "another `adamerge ablate` is running on" in err
+    assert list(out.iterdir()) == []

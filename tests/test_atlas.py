@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from adamerge.cli import main
-from adamerge.granularity import make_grouping
+from adamerge.core.granularity import make_grouping
 from adamerge.io.files import atomic_save_safetensors
 from adamerge.methods.atlas import few_shot_indices, trusted_indices
-from adamerge.runs import read_metrics
-from adamerge.training import MergeModule
+from adamerge.train.runs import read_metrics
+from adamerge.train.loop import MergeModule
 from adamerge.zoo.tiny import make_tasks
 from helpers import TASKS, crash_then_resume, write_config
 
@@ -55,7 +55,7 @@ def test_test_time_atlas_trusted_set_is_fixed_and_resume_is_exact(tiny_zoo_dir, 
     assert sorted(state) == sorted([f"trusted.{t}" for t in TASKS] + [f"trusted_label.{t}" for t in TASKS])
     # the trusted set is what the pretrained model's confidence says
     from adamerge.config import build_all, load_config
-    from adamerge.expert_targets import expert_logits
+    from adamerge.train.expert_targets import expert_logits
 
     parts = build_all(load_config(full))
     logits = expert_logits(parts["model"], parts["tv"], parts["heads"], parts["streams"], tmp_path / "c", pretrained=True)
@@ -70,7 +70,7 @@ def test_test_time_atlas_trusted_set_is_fixed_and_resume_is_exact(tiny_zoo_dir, 
         a, b = load_file(str(run / name)), load_file(str(cut_run / name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
     # every batch holds trusted samples at the configured share
-    from adamerge.data import StepBatches
+    from adamerge.train.data import StepBatches
 
     pools = {t: [torch.tensor([i for i in range(len(s)) if i not in set(state[f"trusted.{t}"].tolist())]), state[f"trusted.{t}"]]
              for t, s in zip(TASKS, parts["streams"])}

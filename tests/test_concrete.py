@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file
 
 from adamerge.cli import main
-from adamerge.masks import ConcreteMasks, mask_values, rescale
-from adamerge.merged import MergedModel
+from adamerge.core.masks import ConcreteMasks, mask_values, rescale
+from adamerge.core.merged import MergedModel
 from adamerge.methods import create_method
-from adamerge.runs import read_metrics
-from adamerge.task_vectors import TaskVectors
+from adamerge.train.runs import read_metrics
+from adamerge.core.task_vectors import TaskVectors
 from helpers import crash_then_resume, write_config
 
 

@@ -15,10 +15,10 @@ from torch.func import functional_call
 
 from adamerge import merges
 from adamerge.errors import InputError
-from adamerge.granularity import make_grouping
-from adamerge.merged import MergedModel, merge_tensor
+from adamerge.core.granularity import make_grouping
+from adamerge.core.merged import MergedModel, merge_tensor
 from adamerge.methods.data_free import build_data_free
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 RULES = [
     [r"transformer\.resblocks\.0\.", "first"],
@@ -255,9 +255,9 @@ def test_merged_parameters_match_hand_computation(make_zoo, backbone, spec, clam
 
 @pytest.mark.parametrize("chunk", [0, 7, 1 << 15], ids=["one-call", "blocks-of-7", "default"])
 def test_merge_tensor_matches_loop(monkeypatch, chunk):
-    import adamerge.merged
+    import adamerge.core.merged
 
-    monkeypatch.setattr(adamerge.merged, "CPU_CHUNK", chunk)  # 20 elements: 3 blocks of 7
+    monkeypatch.setattr(adamerge.core.merged, "CPU_CHUNK", chunk)  # 20 elements: 3 blocks of 7
     gen = torch.Generator().manual_seed(0)
     tau = torch.randn(3, 4, 5, generator=gen)
     base = torch.randn(4, 5, generator=gen)

@@ -92,7 +92,7 @@ def test_demo_summary_script_reads_the_verdict(demo_out):
 
 
 def test_demo_export_reloads_to_the_learned_model(demo_out):
-    from adamerge.export import load_run
+    from adamerge.workflows.export import load_run
     from adamerge.io.state_dicts import load_state_dict
     from adamerge.zoo import create_backbone
 

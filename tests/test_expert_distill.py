@@ -9,10 +9,10 @@ import shutil
 import torch
 import torch.nn.functional as F
 
-from adamerge import expert_targets
+from adamerge.train import expert_targets
 from adamerge.cli import main
 from adamerge.config import build_all, load_config
-from adamerge.objectives import expert_distill
+from adamerge.train.objectives import expert_distill
 from helpers import write_config
 
 
@@ -87,7 +87,7 @@ def test_a_short_fit_lowers_the_divergence_and_raises_accuracy(tiny_zoo_dir, tmp
     })
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
-    from adamerge.runs import read_metrics
+    from adamerge.train.runs import read_metrics
 
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert sum(r["loss"] for r in rows[-5:]) < 0.7 * sum(r["loss"] for r in rows[:5])
@@ -112,8 +112,8 @@ def test_a_short_fit_lowers_the_divergence_and_raises_accuracy(tiny_zoo_dir, tmp
 
 def test_cache_key_handles_batchnorm_scalars(make_zoo):
     """A BatchNorm model holds 0-dim buffers (num_batches_tracked): the digest must read them."""
-    from adamerge.data import LinearHead, stream_from_tensors
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.train.data import LinearHead, stream_from_tensors
+    from adamerge.core.task_vectors import TaskVectors
 
     model, base, experts = make_zoo("cnn", 2)
     tv = TaskVectors.from_state_dicts(base, experts)

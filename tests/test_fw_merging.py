@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from adamerge.cli import main
 from adamerge.errors import InputError
 from adamerge.methods.fw_merging import FWOptions, fw_step, oracle_scores, select
-from adamerge.pool import CheckpointPool
+from adamerge.core.pool import CheckpointPool
 from helpers import TASKS, write_config
 
 
@@ -116,7 +116,7 @@ def test_fw_merging_never_selects_a_distractor_and_its_export_reproduces_the_run
     assert meta["pool"] == list(fw["pool"]) and meta["fw_merging"]["history"] == fw["history"]
     # the exported checkpoint scores what the run scored
     from adamerge.config import build_all, load_config
-    from adamerge.training import evaluate
+    from adamerge.train.loop import evaluate
 
     parts = build_all(load_config(cfg))
     model = parts["model"]

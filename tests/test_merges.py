@@ -24,8 +24,8 @@ from adamerge.merges import (
 )
 from adamerge.merges.fisher import diagonal_fisher
 from adamerge.methods import build_data_free, create_method
-from adamerge.granularity import make_grouping
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.granularity import make_grouping
+from adamerge.core.task_vectors import TaskVectors
 from helpers import TASKS, write_config
 
 REGISTERED = ["breadcrumbs", "consensus", "dare", "fisher", "lines", "pcb", "task_arithmetic", "ties", "weight_average"]
@@ -323,7 +323,7 @@ def test_eval_cli_options_grid_and_errors(tiny_zoo_dir, tmp_path, capsys):
 
 # --------------------------------------------------------------------------- TALL task masks
 def test_pack_bits_round_trip():
-    from adamerge.task_masks import pack_bits, unpack_bits
+    from adamerge.io.task_masks import pack_bits, unpack_bits
 
     mask = torch.rand(1001, generator=torch.Generator().manual_seed(0)) > 0.5
     packed = pack_bits(mask)
@@ -334,7 +334,7 @@ def test_pack_bits_round_trip():
 
 def test_task_masks_round_trip_through_export(tiny_zoo_dir, tmp_path, capsys):
     from adamerge.io.state_dicts import load_state_dict
-    from adamerge.task_masks import MASKS_FILE, load_task_state
+    from adamerge.io.task_masks import MASKS_FILE, load_task_state
 
     cfg = write_config(tmp_path, tiny_zoo_dir, options={"granularity": "layer", "steps": 2, "lr": 0.01})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0

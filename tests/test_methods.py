@@ -72,7 +72,7 @@ def _hand_doge(base, experts, tasks, state, c, trim, per_task):
 
 
 def test_doge_merge_equals_the_hand_computation_and_its_loss_falls(tiny_zoo_dir, tmp_path):
-    from adamerge.export import load_run
+    from adamerge.workflows.export import load_run
 
     cfg = write_config(tmp_path, tiny_zoo_dir, method="doge", options={"steps": 40, "solver_args": {"lr": 1e-3}})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0

@@ -8,12 +8,12 @@ import copy
 import pytest
 import torch
 
-from adamerge.data import LinearHead, StepBatch
-from adamerge.merged import MergedModel
+from adamerge.train.data import LinearHead, StepBatch
+from adamerge.core.merged import MergedModel
 from adamerge.methods import create_method
 from adamerge.solvers import create_solver, list_solvers
-from adamerge.task_vectors import TaskVectors
-from adamerge.training import MergeModule
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.train.loop import MergeModule
 
 
 def _module(make_zoo, micro: bool, granularity: str, objective: str, dtype=torch.float64):

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from adamerge.errors import InputError
-from adamerge.objectives import OBJECTIVES, get_objective, infomax, shannon_entropy
+from adamerge.train.objectives import OBJECTIVES, get_objective, infomax, shannon_entropy
 
 
 def _hand_entropy(logits: torch.Tensor) -> torch.Tensor:

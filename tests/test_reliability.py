@@ -122,7 +122,7 @@ def test_export_refuses_an_occupied_folder_and_an_unfinished_run(tiny_zoo_dir, t
 
 
 def test_the_api_names_the_tensor_and_the_file(tiny_zoo_dir, tmp_path):
-    from adamerge.task_vectors import TaskVectors
+    from adamerge.core.task_vectors import TaskVectors
 
     bad = _expert_variant(tiny_zoo_dir, tmp_path, "nan", lambda sd: _set_nan(sd, float("nan")))
     key = _first_float(load_file(bad))
@@ -133,7 +133,7 @@ def test_the_api_names_the_tensor_and_the_file(tiny_zoo_dir, tmp_path):
 def test_images_that_fail_to_decode_are_named(tmp_path):
     from PIL import Image
 
-    from adamerge.data import stream_from_folder
+    from adamerge.train.data import stream_from_folder
 
     (tmp_path / "a").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "ok.png")
@@ -193,7 +193,7 @@ _shapes = {n: torch.Size(s) for n, s in zip(_names, [(4, 3, 2, 2), (6, 2), (8,),
     st.integers(), st.none(), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 ))
 def test_any_granularity_is_a_valid_grouping_or_one_clear_error(spec):
-    from adamerge.granularity import make_grouping
+    from adamerge.core.granularity import make_grouping
 
     try:
         g = make_grouping(spec, _shapes, seed=0)
@@ -232,7 +232,7 @@ def test_any_generated_method_options_are_accepted_or_refused_in_one_line(option
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_coefficients(tiny_zoo_dir, tmp_path, monkeypatch, capsys):
-    from adamerge.training import MergeModule
+    from adamerge.train.loop import MergeModule
 
     original = MergeModule.task_losses
 
@@ -254,7 +254,8 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_coefficients(t
 
 
 def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_zoo_dir, tmp_path, monkeypatch):
-    import adamerge.export as export
+    import adamerge.io.export_files as export_files
+    import adamerge.workflows.export as export
 
     config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 2})
     assert main(["fit", "--config", str(config), "--no-progress"]) == 0
@@ -262,7 +263,7 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_zoo_dir
     def crash(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export, "write_heads", crash)  # after model.safetensors, before the metadata
+    monkeypatch.setattr(export_files, "write_heads", crash)  # after model.safetensors, before the metadata
     with pytest.raises(KeyboardInterrupt):
         export.export_run(tmp_path / "run", tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -271,8 +272,8 @@ def test_an_interrupted_export_leaves_no_folder_that_looks_complete(tiny_zoo_dir
 
 def test_the_python_api_checks_what_the_command_line_checks(tiny_zoo_dir, tmp_path):
     from adamerge.config import build_all, load_config
-    from adamerge.data import LinearHead, stream_from_tensors
-    from adamerge.training import fit
+    from adamerge.train.data import LinearHead, stream_from_tensors
+    from adamerge.plan import fit
 
     parts = build_all(load_config(write_config(tmp_path, tiny_zoo_dir)))
     small = [stream_from_tensors(s.name, s.dataset.x[:4], s.dataset.y[:4]) for s in parts["streams"]]

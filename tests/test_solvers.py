@@ -14,7 +14,7 @@ from torch import nn
 from adamerge.cli import main
 from adamerge.errors import InputError
 from adamerge.methods import MethodConfig
-from adamerge.runs import read_metrics
+from adamerge.train.runs import read_metrics
 from adamerge.solvers import create_solver, list_solvers, solver_class
 from adamerge.solvers.frank_wolfe import FrankWolfe, average_weight, golden_section
 from adamerge.solvers.pgd import ProjectedGradient
@@ -269,9 +269,9 @@ def test_default_solver_equals_a_plain_adam_loop(tiny_zoo_dir, tmp_path):
     import functools
 
     from adamerge.config import build_all, load_config
-    from adamerge.data import StepBatches
+    from adamerge.train.data import StepBatches
     from adamerge.methods import create_method
-    from adamerge.objectives import get_objective
+    from adamerge.train.objectives import get_objective
 
     steps = 12
     path = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": steps, "options.grad_clip": 0.05, "options.optimizer": "adamw", "options.weight_decay": 0.1})
@@ -303,10 +303,10 @@ def test_methods_and_solvers_do_not_import_the_training_loop():
     import sys
 
     code = (
-        "import sys, adamerge, adamerge.methods, adamerge.solvers, adamerge.runs, adamerge.sources\n"
+        "import sys, adamerge, adamerge.methods, adamerge.solvers, adamerge.train.runs, adamerge.sources\n"
         "from adamerge.methods import create_method\n"
         "m = create_method('doge_adamerging'); cfg = m.config({})\n"
-        "bad = [k for k in sys.modules if k == 'adamerge.training' or k.startswith('lightning')]\n"
+        "bad = [k for k in sys.modules if k == 'adamerge.train.loop' or k.startswith('lightning')]\n"
         "assert not bad, bad\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file
 
 from adamerge.cli import main
-from adamerge.data import LinearHead
+from adamerge.train.data import LinearHead
 from adamerge.errors import InputError
-from adamerge.merged import MergedModel
-from adamerge.task_vectors import TaskVectors
-from adamerge.test_time import T3Options, TestTimeMerger, js_divergence, t3_coefficients, t3_merged_model
+from adamerge.core.merged import MergedModel
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.core.test_time import T3Options, TestTimeMerger, js_divergence, t3_coefficients, t3_merged_model
 from helpers import write_config
 
 
@@ -158,7 +158,7 @@ def test_t3_fit_export_predict(tiny_zoo_dir, tmp_path, per):
 
 
 def test_predict_on_a_merged_export_matches_the_model(tiny_zoo_dir, tmp_path):
-    from adamerge.export import load_run
+    from adamerge.workflows.export import load_run
 
     cfg = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 4})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
@@ -202,7 +202,7 @@ def test_predict_reads_an_image_folder_with_the_exports_preprocessing(tmp_path):
     from PIL import Image
     from safetensors.torch import save_file
 
-    from adamerge.predict import load_export
+    from adamerge.workflows.predict import load_export
     from adamerge.sources import build_model
 
     spec = {"source": "timm", "name": "test_efficientnet"}
@@ -234,8 +234,8 @@ def test_predict_reads_an_image_folder_with_the_exports_preprocessing(tmp_path):
 
 
 def test_predict_serves_a_tasks_own_model_from_tall_masks(tiny_zoo_dir, tmp_path):
-    from adamerge.predict import load_export, read_heads
-    from adamerge.task_masks import load_task_state
+    from adamerge.workflows.predict import load_export, read_heads
+    from adamerge.io.task_masks import load_task_state
     from adamerge.zoo.tiny import tiny_vit
 
     cfg = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 4})

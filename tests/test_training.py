@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from adamerge.cli import main
 from adamerge.io.state_dicts import load_state_dict
-from adamerge.runs import read_metrics
+from adamerge.train.runs import read_metrics
 from helpers import TASKS, assert_export_reproduces, write_config
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "PICKLE_EXTENSIONS",
     "load_state_dict",
     "save_state_dict",
+    "require_finite",
 ]
 
 SAFETENSORS_EXTENSIONS = (".safetensors",)
@@ -246,6 +247,14 @@ def load_state_dict(
                 f"no key in {p} starts with prefix {prefix!r} (first key: {first!r})"
             )
     return sd
+
+
+def require_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise :class:`InputError` naming the first floating tensor of ``sd`` that holds NaN or inf
+    (``source`` says where the tensors come from, e.g. the file)."""
+    for key, value in sd.items():
+        if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+            raise InputError(f"{source}: tensor '{key}' has non-finite values (NaN or inf)")
 
 
 def save_state_dict(

@@ -26,8 +26,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from adamerge.checks import check_number, option, parse_options  # noqa: F401  (the shared checks, for the merges)
 from adamerge.errors import InputError
-from adamerge.registry import Registry, did_you_mean
+from adamerge.registry import Registry
 
 Stacks = Mapping[str, Tensor]
 
@@ -42,7 +43,7 @@ class MergeResult:
     """``θ0 + Σ_t coefficients[k][t] · weights[k][t] ⊙ vectors[k][t]`` for every key ``k``."""
 
     vectors: dict[str, Tensor]
-    coefficients: dict[str, Tensor]  # key -> [T] float32
+    coefficients: dict[str, Tensor]  # key -> [T] (float64: exact for a float64 merge, cast at merge time)
     weights: dict[str, Tensor] = field(default_factory=dict)  # key -> broadcastable to [T, *shape]
 
     def delta(self) -> dict[str, Tensor]:
@@ -59,7 +60,7 @@ class MergeResult:
 def constant_coefficients(stacks: Stacks, value: float | Tensor) -> dict[str, Tensor]:
     """The same coefficient (a float, or one per task) for every key."""
     T = next(iter(stacks.values())).shape[0]
-    c = torch.as_tensor(value, dtype=torch.float32).expand(T).clone()
+    c = torch.as_tensor(value, dtype=torch.float64).expand(T).clone()
     return {k: c for k in stacks}
 
 
@@ -82,22 +83,48 @@ class MergeSpec:
         return [f.name for f in dataclasses.fields(self.Options)]
 
     def options(self, values: Mapping[str, Any] | None = None) -> Any:
-        """The validated options (unknown keys and bad values are one-line :class:`InputError` s)."""
-        values = dict(values or {})
-        names = self.option_names()
-        for key in values:
-            if key not in names:
-                raise InputError(f"unknown option '{key}' for merge '{self.name}'{did_you_mean(key, names)}; known: {names}")
-        try:
-            return self.Options(**values)
-        except InputError as err:
-            raise InputError(f"merge '{self.name}': {err}") from None
+        """The validated options (unknown keys and bad values are one-line :class:`InputError` s),
+        parsed by type with :func:`adamerge.checks.parse_options`."""
+        if values is not None and not isinstance(values, Mapping):
+            raise InputError(f"merge '{self.name}': options must be a mapping, got {values!r}")
+        return parse_options(self.Options, dict(values or {}), f"merge '{self.name}'")
 
     def run(self, stacks: Stacks, options: Any, **data: Any) -> MergeResult:
-        """Apply the merge to parameter stacks with validated options (and estimated data)."""
+        """Apply the merge to parameter stacks with validated options (and estimated data).
+        The pure function: a result that keeps nothing is returned as it is (see :meth:`apply`)."""
         if not stacks:
             raise InputError(f"merge '{self.name}': there are no task vectors to merge")
         return self.fn(stacks, options, **data)
+
+    def check_fit(self, options: Any, tasks: int, entries: int) -> None:
+        """The options fit ``tasks`` task vectors of ``entries`` parameter entries each (e.g.
+        consensus ``k <= T``, a TIES density that keeps an entry): ``Options.check_fit``, if any."""
+        fit = getattr(options, "check_fit", None)
+        if fit is not None:
+            try:
+                fit(tasks, entries)
+            except InputError as err:
+                raise InputError(f"merge '{self.name}': {err}") from None
+
+    def apply(self, stacks: Stacks, options: Any, **data: Any) -> MergeResult:
+        """:meth:`run` as the commands use it (``eval --method``, ``preprocess``): the options must
+        fit the stacks (``Options.check_fit(tasks, entries)``, e.g. consensus ``k <= T``), and a
+        rewriting merge must keep some entry of the task vectors: one that keeps none would score
+        the pretrained model under the merge's name, so it is refused in one line."""
+        if not stacks:
+            raise InputError(f"merge '{self.name}': there are no task vectors to merge")
+        tasks = next(iter(stacks.values())).shape[0]
+        entries = sum(v[0].numel() for v in stacks.values())
+        self.check_fit(options, tasks, entries)
+        result = self.fn(stacks, options, **data)
+        if self.rewrites and any(bool(v.any()) for v in stacks.values()):
+            if not any(bool(result.vectors[k].any()) for k in stacks if k in result.vectors):
+                hint = getattr(options, "KEEPS_NOTHING", "")
+                shown = ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(options).items())
+                raise InputError(f"merge '{self.name}' with {shown} keeps no entry of any task vector ({tasks} tasks, "
+                                 f"{entries} entries each): the merge would be the pretrained model"
+                                 + (f"; {hint}" if hint else ""))
+        return result
 
 
 MERGES: Registry[MergeSpec] = Registry("data-free merge")
@@ -144,18 +171,3 @@ def merge_request(value: Any, role: str) -> tuple[MergeSpec, Any]:
     return spec, spec.options(options)
 
 
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
-    """One-line :class:`InputError` unless ``value`` is a finite number in the range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and torch.isfinite(torch.tensor(float(value))).item()
-    if ok and integer:
-        ok = float(value).is_integer()
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        lo = "" if low is None else f" {'>' if low_open else '>='} {low:g}"
-        hi = "" if high is None else f"{' and' if lo else ''} {'<' if high_open else '<='} {high:g}"
-        raise InputError(f"option '{name}' must be {kind}{lo}{hi}, got {value!r}")

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adamerge.merges.base import MergeResult, Stacks, check_number, constant_coefficients, f32, register_merge
+from adamerge.checks import check_fields
+from adamerge.errors import InputError
+from adamerge.merges.base import MergeResult, Stacks, constant_coefficients, f32, option, register_merge
 
 
 @dataclass
@@ -22,19 +24,22 @@ class NoOptions:
 
 @dataclass
 class LamOptions:
-    lam: float = 0.3  # λ: the scale of the summed (or averaged) update
+    lam: float = option(0.3)  # λ: the scale of the summed (or averaged) update (0: the pretrained model, explicitly)
 
     def __post_init__(self) -> None:
-        check_number("lam", self.lam)
+        check_fields(self)
 
 
 @dataclass
 class TiesOptions(LamOptions):
-    density: float = 0.2  # fraction of each task's entries kept (by magnitude, whole model)
+    density: float = option(0.2, low=0, low_open=True, high=1)  # fraction of each task's entries kept (by magnitude, whole model)
+    KEEPS_NOTHING = "raise density"
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_number("density", self.density, low=0, low_open=True, high=1)
+    def check_fit(self, tasks: int, entries: int) -> None:
+        """``round(density · n)`` of each task's n entries are kept: at least one."""
+        if int(round(self.density * entries)) < 1:
+            raise InputError(f"option 'density' {self.density:g} keeps round({self.density:g} · {entries}) = 0 of each task's "
+                             f"{entries} entries; choose density in [{1 / entries:.3g}, 1]")
 
 
 @register_merge("weight_average", NoOptions)
@@ -53,7 +58,7 @@ def task_arithmetic(stacks: Stacks, options: LamOptions) -> MergeResult:
 def trim_top_k(stacks: Stacks, density: float = 0.2) -> dict[str, Tensor]:
     """Zero all but each task's ``density`` fraction of largest-magnitude entries (whole model)."""
     if not 0.0 < density <= 1.0:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise InputError(f"option 'density' must be in (0, 1], got {density}")
     T = next(iter(stacks.values())).shape[0]
     thresholds = []
     for t in range(T):
@@ -98,7 +103,7 @@ def ties_vectors(stacks: Stacks, density: float = 0.2, keys=None) -> dict[str, T
 def ties_merge(stacks: Stacks, options: TiesOptions) -> MergeResult:
     """TIES: trim to ``density``, elect signs, λ · disjoint mean of the agreeing entries."""
     kept = ties_vectors(stacks, options.density)
-    weights = {k: 1.0 / (v != 0).sum(0).clamp_min(1).to(torch.float32) for k, v in kept.items()}
+    weights = {k: 1.0 / (v != 0).sum(0).clamp_min(1).to(f32(v).dtype) for k, v in kept.items()}
     return MergeResult(kept, constant_coefficients(stacks, options.lam), weights)
 
 

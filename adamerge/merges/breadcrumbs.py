@@ -12,19 +12,20 @@ from dataclasses import dataclass
 import torch
 
 from adamerge.errors import InputError
-from adamerge.merges.base import MergeResult, Stacks, check_number, constant_coefficients, f32, register_merge
+from adamerge.checks import check_fields
+from adamerge.merges.base import MergeResult, Stacks, constant_coefficients, f32, option, register_merge
 
 
 @dataclass
 class BreadcrumbsOptions:
-    lam: float = 0.3
-    top: float = 0.01  # fraction of the largest-magnitude entries dropped per tensor and task
-    bottom: float = 0.85  # fraction of the smallest-magnitude entries dropped per tensor and task
+    lam: float = option(0.3)
+    top: float = option(0.01, low=0, high=1, high_open=True)  # fraction of the largest-magnitude entries dropped per tensor and task
+    bottom: float = option(0.85, low=0, high=1, high_open=True)  # fraction of the smallest-magnitude entries dropped per tensor and task
+    KEEPS_NOTHING = "lower top or bottom"
 
     def __post_init__(self) -> None:
-        check_number("lam", self.lam)
-        check_number("top", self.top, low=0, high=1, high_open=True)
-        check_number("bottom", self.bottom, low=0, high=1, high_open=True)
+        check_fields(self)
+        # int(top·n) + int(bottom·n) <= floor((top + bottom)·n) < n: every tensor keeps an entry
         if self.top + self.bottom >= 1:
             raise InputError(f"top + bottom must be < 1 (something must be kept), got {self.top} + {self.bottom}")
 

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adamerge.granularity import Grouping
+from adamerge.core.granularity import Grouping
 from adamerge.merges.base import MergeResult, MergeSpec, get_merge, merge_request
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 
 def run_merge(merge: str | MergeSpec, tv: TaskVectors, keys: Sequence[str], options: Mapping[str, Any] | Any = None, *,
@@ -18,11 +18,13 @@ def run_merge(merge: str | MergeSpec, tv: TaskVectors, keys: Sequence[str], opti
               streams: Sequence | None = None) -> MergeResult:
     """Run a merge on the stacks of ``keys`` (the parameters: buffers never compete for kept
     entries). ``options`` is a mapping (validated here) or already-validated options; a merge
-    that needs data gets ``model``, ``heads`` and ``streams``."""
+    that needs data gets ``model``, ``heads`` and ``streams``. Options that do not fit the task
+    vectors (consensus ``k > T``) and a rewriting merge that keeps no entry are one-line errors
+    (:meth:`MergeSpec.apply`)."""
     spec = get_merge(merge) if isinstance(merge, str) else merge
     opts = options if isinstance(options, spec.Options) else spec.options(options)
     data = spec.estimate(model, tv, heads, streams, opts, list(keys)) if spec.needs_data else {}
-    return spec.run({k: tv.vectors[k] for k in keys}, opts, **data)
+    return spec.apply({k: tv.vectors[k] for k in keys}, opts, **data)
 
 
 def rewrite_task_vectors(tv: TaskVectors, keys: Sequence[str], request: Any) -> TaskVectors:
@@ -33,7 +35,8 @@ def rewrite_task_vectors(tv: TaskVectors, keys: Sequence[str], request: Any) -> 
     return TaskVectors(tv.base, {**tv.vectors, **result.vectors}, tv.task_names, tv.sources)
 
 
-def coefficients_for_groups(coefficients: Mapping[str, Tensor], grouping: Grouping, shapes: Mapping[str, torch.Size]) -> Tensor:
+def coefficients_for_groups(coefficients: Mapping[str, Tensor], grouping: Grouping, shapes: Mapping[str, torch.Size],
+                            dtype: torch.dtype = torch.float32) -> Tensor:
     """Per-tensor coefficients (``key -> [T]``) as a ``[T, G]`` matrix for ``grouping``: each group
     takes the mean over its tensors weighted by the elements it governs (a partitioned tensor's
     chunks each take the tensor's value), so ``layer`` reproduces them exactly and ``task`` gets
@@ -48,11 +51,12 @@ def coefficients_for_groups(coefficients: Mapping[str, Tensor], grouping: Groupi
         for gi, size in parts:
             total[:, gi] += c * size
             sizes[gi] += size
-    return (total / sizes.clamp_min(1)).to(torch.float32)
+    return (total / sizes.clamp_min(1)).to(dtype)
 
 
 def initial_coefficients(request: Any, tv: TaskVectors, grouping: Grouping, keys: Sequence[str]) -> Tensor:
     """``init: {merge: NAME, ...}``: the merge's per-tensor coefficients on ``tv`` as ``[T, G]``."""
     spec, opts = merge_request(request, "init")
     result = run_merge(spec, tv, keys, opts)
-    return coefficients_for_groups(result.coefficients, grouping, {k: tv.base[k].shape for k in keys})
+    # float64: MergedModel.set_coefficients casts to its coefficients' dtype (float64 for a float64 model)
+    return coefficients_for_groups(result.coefficients, grouping, {k: tv.base[k].shape for k in keys}, torch.float64)

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adamerge.merges.base import MergeResult, Stacks, check_number, constant_coefficients, f32, register_merge
+from adamerge.checks import check_fields
+from adamerge.errors import InputError
+from adamerge.merges.base import MergeResult, Stacks, constant_coefficients, f32, option, register_merge
 
 
 def tall_masks(stacks: Stacks, multi: Stacks | None = None, lam: float | Tensor = 0.4) -> dict[str, Tensor]:
@@ -32,15 +34,20 @@ def tall_masks(stacks: Stacks, multi: Stacks | None = None, lam: float | Tensor 
 
 @dataclass
 class ConsensusOptions:
-    lam: float = 0.3  # λ of the task-arithmetic sum of the masked vectors
-    k: int = 2  # keep entries active in at least k TALL masks
-    tall_lambda: float = 0.4  # λ_t of every TALL mask (the middle of the authors' grid)
+    lam: float = option(0.3)  # λ of the task-arithmetic sum of the masked vectors
+    # keep entries active in at least k TALL masks: 0 <= k <= T (k = 0 keeps every entry: task arithmetic)
+    k: int = option(2, low=0)
+    tall_lambda: float = option(0.4, low=0)  # λ_t of every TALL mask (the middle of the authors' grid)
+    KEEPS_NOTHING = "lower k or tall_lambda"
 
     def __post_init__(self) -> None:
-        check_number("lam", self.lam)
-        check_number("k", self.k, low=0, integer=True)
-        check_number("tall_lambda", self.tall_lambda, low=0)
-        self.k = int(self.k)
+        check_fields(self)
+
+    def check_fit(self, tasks: int, entries: int) -> None:
+        """An entry is in at most T masks: k > T keeps nothing."""
+        if self.k > tasks:
+            raise InputError(f"option 'k' = {self.k} keeps no entry: an entry is in at most {tasks} TALL masks with "
+                             f"{tasks} tasks; choose k in [0, {tasks}] (0 keeps every entry, i.e. task arithmetic)")
 
 
 @register_merge("consensus", ConsensusOptions, rewrites=True)

@@ -12,20 +12,19 @@ from dataclasses import dataclass
 
 import torch
 
-from adamerge.merges.base import MergeResult, Stacks, check_number, constant_coefficients, f32, register_merge
+from adamerge.checks import check_fields
+from adamerge.merges.base import MergeResult, Stacks, constant_coefficients, f32, option, register_merge
 
 
 @dataclass
 class DareOptions:
-    lam: float = 0.3
-    p: float = 0.5  # drop probability
-    seed: int = 0
+    lam: float = option(0.3)
+    p: float = option(0.5, low=0, high=1, high_open=True)  # drop probability (0: nothing dropped, task arithmetic)
+    seed: int = option(0, low=0)
+    KEEPS_NOTHING = "lower p"
 
     def __post_init__(self) -> None:
-        check_number("lam", self.lam)
-        check_number("p", self.p, low=0, high=1, high_open=True)
-        check_number("seed", self.seed, low=0, integer=True)
-        self.seed = int(self.seed)
+        check_fields(self)
 
 
 def key_generator(seed: int, key: str) -> torch.Generator:

@@ -22,29 +22,23 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from adamerge.errors import InputError
-from adamerge.merges.base import MergeResult, Stacks, check_number, constant_coefficients, f32, register_merge
+from adamerge.checks import check_fields
+from adamerge.merges.base import MergeResult, Stacks, constant_coefficients, f32, option, register_merge
 
 MODES = ("sample", "expected")
 
 
 @dataclass
 class FisherOptions:
-    lam: float = 1.0
-    samples: int = 128  # inputs per task the Fisher is averaged over
-    mode: str = "sample"  # sample: y ~ p(y|x); expected: Σ_y p(y|x) (∇ log p(y|x))²
-    floor: float = 1e-6  # F_t = max(F_t, floor)
-    seed: int = 0  # which inputs, and the sampled labels
-    chunk: int = 16  # per-sample gradients computed this many at a time
+    lam: float = option(1.0)
+    samples: int = option(128, low=1)  # inputs per task the Fisher is averaged over
+    mode: str = option("sample", choices=MODES)  # sample: y ~ p(y|x); expected: Σ_y p(y|x) (∇ log p(y|x))²
+    floor: float = option(1e-6, low=0, low_open=True)  # F_t = max(F_t, floor)
+    seed: int = option(0, low=0)  # which inputs, and the sampled labels
+    chunk: int = option(16, low=1)  # per-sample gradients computed this many at a time
 
     def __post_init__(self) -> None:
-        check_number("lam", self.lam)
-        check_number("samples", self.samples, low=1, integer=True)
-        check_number("floor", self.floor, low=0, low_open=True)
-        check_number("seed", self.seed, low=0, integer=True)
-        check_number("chunk", self.chunk, low=1, integer=True)
-        if self.mode not in MODES:
-            raise InputError(f"option 'mode' must be one of {list(MODES)}, got {self.mode!r}")
-        self.samples, self.seed, self.chunk = int(self.samples), int(self.seed), int(self.chunk)
+        check_fields(self)
 
 
 def diagonal_fisher(model: nn.Module, head: nn.Module, x: Tensor, keys: Sequence[str], mode: str = "sample",
@@ -60,7 +54,12 @@ def diagonal_fisher(model: nn.Module, head: nn.Module, x: Tensor, keys: Sequence
         return torch.log_softmax(logits.float(), -1).gather(1, yi.reshape(1, 1)).reshape(())
 
     per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
-    total = {k: torch.zeros_like(v, dtype=torch.float32) for k, v in params.items()}
+    # accumulated in float64 for a float64 model, float32 otherwise (bfloat16 too)
+    work = torch.float64 if any(p.dtype == torch.float64 for p in params.values()) else torch.float32
+    total = {k: torch.zeros_like(v, dtype=work) for k, v in params.items()}
+    first = next(iter(params.values()), None)
+    if first is not None and x.is_floating_point():
+        x = x.to(first.dtype)  # the inputs in the model's dtype
     model.eval()
     for lo in range(0, x.shape[0], chunk):
         xb = x[lo:lo + chunk]
@@ -73,7 +72,7 @@ def diagonal_fisher(model: nn.Module, head: nn.Module, x: Tensor, keys: Sequence
         for y, weight in labels:
             grads = per_sample(params, xb, y)
             for k, g in grads.items():
-                g2 = g.float() ** 2
+                g2 = g.to(work) ** 2
                 if weight is not None:
                     g2 = g2 * weight.reshape(-1, *([1] * (g2.dim() - 1)))
                 total[k] += g2.sum(0)
@@ -83,7 +82,7 @@ def diagonal_fisher(model: nn.Module, head: nn.Module, x: Tensor, keys: Sequence
 def estimate_fishers(model: nn.Module, tv, heads: Mapping[str, nn.Module] | None, streams: Sequence | None,
                      options: FisherOptions, keys: Sequence[str]) -> dict:
     """Every expert's diagonal Fisher on its own unlabeled stream, stacked ``[T, *shape]``."""
-    from adamerge.data import images_layout
+    from adamerge.train.data import images_layout
 
     if heads is None or streams is None:
         raise InputError("merge 'fisher' needs data: the task heads and the unlabeled streams (eval --config gives both)")
@@ -91,15 +90,21 @@ def estimate_fishers(model: nn.Module, tv, heads: Mapping[str, nn.Module] | None
     missing = [t for t in tv.task_names if t not in by_name or t not in heads]
     if missing:
         raise InputError(f"merge 'fisher': no stream or head for task '{missing[0]}'")
-    expert = copy.deepcopy(model).eval()
+    from adamerge.core.merged import merge_dtype
+
+    # the experts in the base's dtype (float64 stays float64); a half-precision expert is scored in
+    # float32 (exact for its values), as the merge computes it, so its per-sample gradients are not bf16
+    dtype = merge_dtype(next((tv.base[k].dtype for k in keys), torch.float32))
+    expert = copy.deepcopy(model).to(dtype).eval()
     gen = torch.Generator().manual_seed(options.seed)
     fishers: dict[str, list[Tensor]] = {k: [] for k in keys}
     for t, task in enumerate(tv.task_names):
-        state = {k: (v.double() + tv.vectors[k][t].double()).to(v.dtype) if k in tv.vectors else v for k, v in tv.base.items()}
+        state = {k: (v.double() + tv.vectors[k][t].double()).to(dtype if k in keys else v.dtype) if k in tv.vectors else v
+                 for k, v in tv.base.items()}
         expert.load_state_dict(state)
         stream = by_name[task]
         idx = torch.randperm(len(stream), generator=gen)[: options.samples]
-        x = images_layout(stream.inputs(idx)).float()
+        x = images_layout(stream.inputs(idx)).to(dtype)
         f = diagonal_fisher(expert, heads[task], x, keys, options.mode, gen, options.chunk)
         for k in keys:
             fishers[k].append(f[k])
@@ -111,6 +116,6 @@ def fisher(stacks: Stacks, options: FisherOptions, fishers: Mapping[str, Tensor]
     """Fisher-weighted averaging: θ0 + λ Σ_t (F_t / Σ_s F_s) ⊙ τ_t, F floored."""
     weights = {}
     for k, v in stacks.items():
-        f = torch.clamp_min(f32(fishers[k]).to(torch.float32), options.floor)
+        f = torch.clamp_min(fishers[k].to(f32(v).dtype), options.floor)
         weights[k] = f / f.sum(0, keepdim=True)
     return MergeResult(dict(stacks), constant_coefficients(stacks, options.lam), weights)

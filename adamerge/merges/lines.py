@@ -8,7 +8,7 @@ authors set ``α = (‖Σ_t τ_t‖₁ / ‖τ_MTL‖₁) / T``, which for the t
 1/T (the default ``alpha: null``), and choose β on validation data.
 
 Blocks and their depth come from the parameter names with the same detection as the ``block``
-granularity (:mod:`adamerge.granularity`): ``blocks.N`` / ``resblocks.N`` / ``layers.N`` /
+granularity (:mod:`adamerge.core.granularity`): ``blocks.N`` / ``resblocks.N`` / ``layers.N`` /
 ``stages.N`` / ``layerN`` containers with all their indices, in the order the names appear.
 """
 from __future__ import annotations
@@ -18,19 +18,18 @@ from dataclasses import dataclass
 
 import torch
 
-from adamerge.granularity import make_grouping
-from adamerge.merges.base import MergeResult, Stacks, check_number, register_merge
+from adamerge.core.granularity import make_grouping
+from adamerge.checks import check_fields
+from adamerge.merges.base import MergeResult, Stacks, option, register_merge
 
 
 @dataclass
 class LinesOptions:
-    alpha: float | None = None  # scale outside the blocks and of block 0; None: 1/T
-    beta: float = 0.5  # extra scale of the deepest block (the authors tune it on validation data)
+    alpha: float | None = option(None)  # scale outside the blocks and of block 0; None: 1/T
+    beta: float = option(0.5)  # extra scale of the deepest block (the authors tune it on validation data)
 
     def __post_init__(self) -> None:
-        if self.alpha is not None:
-            check_number("alpha", self.alpha)
-        check_number("beta", self.beta)
+        check_fields(self)
 
 
 def block_depths(names: Sequence[str]) -> tuple[dict[str, int | None], int]:
@@ -55,4 +54,4 @@ def lines(stacks: Stacks, options: LinesOptions) -> MergeResult:
     T = next(iter(stacks.values())).shape[0]
     alpha = 1.0 / T if options.alpha is None else options.alpha
     scales = depth_scales(list(stacks), alpha, options.beta)
-    return MergeResult(dict(stacks), {k: torch.full((T,), scales[k], dtype=torch.float32) for k in stacks})
+    return MergeResult(dict(stacks), {k: torch.full((T,), scales[k], dtype=torch.float64) for k in stacks})

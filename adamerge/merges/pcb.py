@@ -19,19 +19,26 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adamerge.merges.base import MergeResult, Stacks, check_number, constant_coefficients, f32, register_merge
+from adamerge.checks import check_fields
+from adamerge.errors import InputError
+from adamerge.merges.base import MergeResult, Stacks, constant_coefficients, f32, option, register_merge
 
 
 @dataclass
 class PcbOptions:
-    lam: float = 1.0
-    ratio: float = 0.1  # fraction of each task's entries kept (the authors' pcb_ratio default)
-    clip: float = 1e-4  # quantile clipped at both ends of |τ_t|
+    lam: float = option(1.0)
+    ratio: float = option(0.1, low=0, low_open=True, high=1)  # fraction of each task's entries kept (the authors' pcb_ratio default)
+    clip: float = option(1e-4, low=0, high=0.5, high_open=True)  # quantile clipped at both ends of |τ_t|
+    KEEPS_NOTHING = "raise ratio"
 
     def __post_init__(self) -> None:
-        check_number("lam", self.lam)
-        check_number("ratio", self.ratio, low=0, low_open=True, high=1)
-        check_number("clip", self.clip, low=0, high=0.5, high_open=True)
+        check_fields(self)
+
+    def check_fit(self, tasks: int, entries: int) -> None:
+        """Entries scored above the ``int(n · (1 − ratio))``-th smallest survive: at least one."""
+        if int(entries * (1 - self.ratio)) >= entries - 1:
+            raise InputError(f"option 'ratio' {self.ratio:g} keeps none of each task's {entries} entries (only entries scored "
+                             f"above the top-ratio quantile are kept); choose ratio > {1 / entries:.3g} (1/n) and <= 1")
 
 
 def _sorted_at(x: Tensor, position: int) -> Tensor:
@@ -50,7 +57,8 @@ def pcb(stacks: Stacks, options: PcbOptions) -> MergeResult:
     """PCB: intra- and inter-task competition scores, top ``ratio`` kept, score-weighted mean."""
     keys = list(stacks)
     T = stacks[keys[0]].shape[0]
-    flat = torch.cat([f32(stacks[k]).reshape(T, -1) for k in keys], dim=1).to(torch.float32)
+    work = torch.float64 if stacks[keys[0]].dtype == torch.float64 else torch.float32
+    flat = torch.cat([f32(stacks[k]).reshape(T, -1) for k in keys], dim=1).to(work)
     n = flat.shape[1]
     mag = flat.abs()
     # the authors' positions: int(n · clip) and int(n · (1 − clip) − 1)

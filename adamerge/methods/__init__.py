@@ -2,7 +2,7 @@
 
 A method is a small object with declared defaults (:class:`MethodConfig` fields) and hooks:
 ``prepare`` (task-vector preprocessing, e.g. TIES for AdaMerging++), ``initial_coefficients``,
-``build`` (the :class:`~adamerge.merged.MergedModel`) and ``solvers`` (the solver stages; the
+``build`` (the :class:`~adamerge.core.merged.MergedModel`) and ``solvers`` (the solver stages; the
 default is ``options.solver``). Adding a method = one module here with one ``register_method``
 call; the shared test matrix (tests/test_methods.py) picks it up.
 """

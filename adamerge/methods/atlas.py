@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adamerge.data import stream_from_tensors
+from adamerge.train.data import stream_from_tensors
+from adamerge.checks import check_fields, option
 from adamerge.errors import InputError
 from adamerge.methods.base import Method, MethodConfig, TrainingData, register_method
 from adamerge.solvers.base import parse_options
@@ -35,25 +36,16 @@ MODES = ("test_time", "few_shot")
 
 @dataclass
 class AtlasOptions:
-    mode: str = "test_time"
-    shots: int = 5  # few_shot: labeled samples per class
-    p: float = 1.0  # the Lp penalty's p
-    penalty: float = 0.0  # its weight (0: none)
-    trusted_fraction: float = 0.1  # test_time: k = min(N/C · fraction, trusted_max) per class
-    trusted_max: int = 100
-    trusted_share: float = 0.25  # test_time: the trusted share of every batch
+    mode: str = option("test_time", choices=MODES)
+    shots: int = option(5, low=1)  # few_shot: labeled samples per class
+    p: float = option(1.0, low=1)  # the Lp penalty's p
+    penalty: float = option(0.0, low=0)  # its weight (0: none)
+    trusted_fraction: float = option(0.1, low=0, low_open=True, high=1)  # test_time: k = min(N/C · fraction, trusted_max) per class
+    trusted_max: int = option(100, low=1)
+    trusted_share: float = option(0.25, low=0, high=1, high_open=True)  # test_time: the trusted share of every batch
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise InputError(f"atlas: mode must be one of {MODES}, got {self.mode!r}")
-        if not (isinstance(self.shots, int) and self.shots >= 1):
-            raise InputError(f"atlas: shots must be an integer >= 1, got {self.shots!r}")
-        if not (isinstance(self.p, (int, float)) and self.p >= 1):
-            raise InputError(f"atlas: p must be >= 1, got {self.p!r}")
-        if not (isinstance(self.penalty, (int, float)) and self.penalty >= 0):
-            raise InputError(f"atlas: penalty must be >= 0, got {self.penalty!r}")
-        if not (0 < self.trusted_fraction <= 1 and 0 <= self.trusted_share < 1 and self.trusted_max >= 1):
-            raise InputError("atlas: trusted_fraction in (0, 1], trusted_share in [0, 1), trusted_max >= 1")
+        check_fields(self, "atlas option")
 
 
 def trusted_indices(logits: torch.Tensor, fraction: float = 0.1, cap: int = 100) -> torch.Tensor:
@@ -74,7 +66,7 @@ def trusted_indices(logits: torch.Tensor, fraction: float = 0.1, cap: int = 100)
 
 def few_shot_indices(labels: torch.Tensor, shots: int, seed: int, task: str) -> torch.Tensor:
     """``shots`` positions per class (all of a class with fewer), seeded per task."""
-    from adamerge.data import _seed_for
+    from adamerge.train.data import _seed_for
 
     gen = torch.Generator().manual_seed(_seed_for(seed, task, "few-shot"))
     out = []
@@ -89,6 +81,7 @@ class ATLAS(Method):
     defaults = {"granularity": "layer", "init": 0.0, "constraint": "none", "optimizer": "adamw", "lr": 1e-3,
                 "weight_decay": 0.1, "grad_clip": 1.0, "objective": "weak_strong"}
     description = "aTLAS: anisotropic task-vector scaling, test-time (trusted pseudo-labels) or few-shot"
+    method_args_class = AtlasOptions
 
     def options(self, cfg: MethodConfig) -> AtlasOptions:
         return parse_options(AtlasOptions, cfg.method_args, "method 'atlas' (method_args)")
@@ -96,7 +89,7 @@ class ATLAS(Method):
     def config(self, overrides: dict | None = None) -> MethodConfig:
         overrides = dict(overrides or {})
         args = overrides.get("method_args")
-        if isinstance(args, dict) and args.get("mode") == "few_shot":  # (a non-mapping is refused below)
+        if isinstance(args, dict) and isinstance(args.get("mode"), str) and args.get("mode") == "few_shot":  # (a non-mapping is refused below)
             # the paper's few-shot recipe: labeled cross-entropy, lr 0.1 with a cosine schedule
             for key, value in (("objective", "cross_entropy"), ("lr", 0.1), ("solver_args", {"schedule": "cosine"})):
                 overrides.setdefault(key, value)
@@ -130,7 +123,7 @@ class ATLAS(Method):
         need = [s for s in streams if f"trusted.{s.name}" not in state]
         logits = {}
         if need:
-            from adamerge.expert_targets import expert_logits
+            from adamerge.train.expert_targets import expert_logits
 
             logits = expert_logits(model, tv, heads, need, cache_dir, say=say, pretrained=True)
         labels = {}

@@ -1,7 +1,7 @@
 """The method registry and what every learned method starts from.
 
 A method declares its defaults (:class:`MethodConfig` fields), how it prepares the task vectors,
-how it builds the one :class:`~adamerge.merged.MergedModel`, and which solver trains it
+how it builds the one :class:`~adamerge.core.merged.MergedModel`, and which solver trains it
 (``options.solver``; the default ``gradient`` is AdaMerging's Adam with the clamp in the forward).
 A method may also name a data-free ``prepare_solver`` whose result (method state, saved in the run
 folder) feeds :meth:`Method.build`. Methods import neither Lightning nor the training module.
@@ -12,18 +12,55 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from adamerge.checks import check_number
+from adamerge.checks import check_bool, check_float, check_int, check_list, check_number, check_typed, parse_options
 from adamerge.errors import InputError
-from adamerge.merged import BUFFER_POLICIES, MergedModel
+from adamerge.core.merged import BUFFER_POLICIES, MergedModel
 from adamerge.registry import Registry, did_you_mean
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 CONSTRAINTS = ("none", "box", "simplex")
 
 
-_number = check_number  # the shared check, under its local name
+# the ranges of the objectives' own options (objective_args); their types come from the objective's
+# signature (adamerge.train.objectives), so a new objective's options are typed without an entry here
+OBJECTIVE_RANGES: dict[str, dict[str, dict]] = {
+    "reliable_entropy": {"e0": {"low": 0, "low_open": True}},
+    "infomax": {"diversity": {"low": 0}, "floor": {"low": 0, "high": 1}},
+    # the logits are divided by the temperature (and the loss scaled by its square) in float32
+    "expert_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1}},
+    "weak_strong": {"confidence": {"low": 0, "high": 1}},
+}
+_FIXED_ARGUMENTS = ("logits", "labels", "targets")  # what the training loop passes, not options
+
+
+def check_objective_args(objective: str, args: dict) -> dict:
+    """``objective_args`` parsed by the objective's keyword parameters (type from the annotation,
+    range from :data:`OBJECTIVE_RANGES`): an unknown name or a bad value is a one-line error
+    (``hard: 'false'`` is False, not true)."""
+    import inspect
+    import typing
+
+    from adamerge.train.objectives import get_objective
+
+    fn = get_objective(objective)
+    params = {n: p for n, p in inspect.signature(fn).parameters.items()
+              if n not in _FIXED_ARGUMENTS and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:
+        hints = {}
+    out = {}
+    for key, value in args.items():
+        if key not in params:
+            known = sorted(params)
+            raise InputError(f"unknown option '{key}' for objective '{objective}' (objective_args){did_you_mean(str(key), known)}; "
+                             f"known: {known}")
+        out[key] = check_typed(key, value, hints.get(key, Any), OBJECTIVE_RANGES.get(objective, {}).get(key, {}),
+                               f"objective '{objective}' option")
+    return out
 
 
 @dataclass
@@ -61,29 +98,32 @@ class MethodConfig:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from adamerge.objectives import OBJECTIVES
+        from adamerge.train.objectives import OBJECTIVES
         from adamerge.solvers import list_solvers
         from adamerge.solvers.optimizers import list_optimizers
 
-        if isinstance(self.bounds, list):
-            self.bounds = tuple(self.bounds)
         if isinstance(self.init, dict):
             from adamerge.merges import merge_request
 
             merge_request(self.init, "init")
-        elif not hasattr(self.init, "shape"):
-            for v in self.init if isinstance(self.init, (list, tuple)) else [self.init]:
-                _number("init", v)
-        _number("steps", self.steps, low=0, integer=True)
-        self.steps = int(self.steps)
-        _number("batch_size", self.batch_size, low=1, integer=True)
-        self.batch_size = int(self.batch_size)
-        _number("lr", self.lr, low=0, low_open=True)
-        _number("weight_decay", self.weight_decay, low=0)
+        elif hasattr(self.init, "shape"):
+            if not torch.isfinite(torch.as_tensor(self.init, dtype=torch.float64)).all():
+                raise InputError("option 'init' must be finite")
+        elif isinstance(self.init, (list, tuple)):
+            # one per task: the length is checked against the tasks in initial_coefficients
+            self.init = check_list("init", self.init)
+            if not self.init:
+                raise InputError("option 'init' must be a number, one number per task, or {merge: NAME, ...}, got []")
+        else:
+            self.init = check_number("init", self.init)
+        self.steps = check_int("steps", self.steps, low=0)
+        self.batch_size = check_int("batch_size", self.batch_size, low=1)
+        self.lr = check_float("lr", self.lr, low=0, low_open=True)
+        self.weight_decay = check_float("weight_decay", self.weight_decay, low=0)
         if self.grad_clip is not None:
-            _number("grad_clip", self.grad_clip, low=0, low_open=True)
+            self.grad_clip = check_float("grad_clip", self.grad_clip, low=0, low_open=True)
         if self.ties_density is not None:
-            _number("ties_density", self.ties_density, low=0, low_open=True, high=1)
+            self.ties_density = check_float("ties_density", self.ties_density, low=0, low_open=True, high=1)
         if self.preprocess is not None:
             from adamerge.merges import merge_request
 
@@ -97,24 +137,23 @@ class MethodConfig:
             if not isinstance(self.early_stop, dict) or set(self.early_stop) - {"window", "min_delta"}:
                 raise InputError(f"option 'early_stop' must be a mapping with keys window and min_delta, got {self.early_stop!r}")
             self.early_stop = {"window": 20, "min_delta": 0.01} | self.early_stop
-            _number("early_stop.window", self.early_stop["window"], low=2, integer=True)
-            _number("early_stop.min_delta", self.early_stop["min_delta"], low=0)
-            self.early_stop["window"] = int(self.early_stop["window"])
+            self.early_stop["window"] = check_int("early_stop.window", self.early_stop["window"], low=2)
+            self.early_stop["min_delta"] = check_float("early_stop.min_delta", self.early_stop["min_delta"], low=0)
+        if isinstance(self.micro_batch, str) and self.micro_batch.strip().lower() in ("true", "false"):
+            self.micro_batch = check_bool("micro_batch", self.micro_batch)
         if not isinstance(self.micro_batch, bool):
             try:
-                _number("micro_batch", self.micro_batch, low=1, integer=True)
+                self.micro_batch = check_int("micro_batch", self.micro_batch, low=1)
             except InputError:
                 raise InputError(f"option 'micro_batch' must be true, false or a number of samples >= 1, got {self.micro_batch!r}") from None
-            self.micro_batch = int(self.micro_batch)
         if self.constraint not in CONSTRAINTS:
             raise InputError(f"option 'constraint' must be one of {list(CONSTRAINTS)}, got {self.constraint!r}{did_you_mean(self.constraint, list(CONSTRAINTS))}")
-        if not (isinstance(self.bounds, tuple) and len(self.bounds) == 2):
+        if not (isinstance(self.bounds, (list, tuple)) and len(self.bounds) == 2):
             raise InputError(f"option 'bounds' must be [lo, hi], got {self.bounds!r}")
-        for b in self.bounds:
-            _number("bounds", b)
+        self.bounds = tuple(check_list("bounds", self.bounds, length=2))
         if self.bounds[0] > self.bounds[1]:
             raise InputError(f"option 'bounds' needs lo <= hi, got {list(self.bounds)}")
-        _number("total", self.total, low=0, low_open=True)
+        self.total = check_float("total", self.total, low=0, low_open=True)
         if self.objective not in OBJECTIVES:
             raise InputError(f"unknown objective '{self.objective}'{did_you_mean(self.objective, sorted(OBJECTIVES))}; choose from {sorted(OBJECTIVES)}")
         if self.solver not in list_solvers():
@@ -126,8 +165,9 @@ class MethodConfig:
         for name in ("objective_args", "solver_args", "prepare_args", "method_args", "extra"):
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"option '{name}' must be a mapping, got {getattr(self, name)!r}")
+        self.objective_args = check_objective_args(self.objective, self.objective_args)
         if self.micro_batch is not True and self.micro_batch is not False:
-            from adamerge.objectives import averages_over_samples
+            from adamerge.train.objectives import averages_over_samples
 
             if not averages_over_samples(self.objective, self.objective_args):
                 raise InputError(f"option 'micro_batch' {self.micro_batch} splits a task's batch into chunks, but objective "
@@ -170,7 +210,7 @@ class TrainingData:
 class FitContext:
     """What ``fit`` hands a method with its own loop (``Method.own_loop``: T3, FW-Merging)."""
 
-    run: Any  # adamerge.runs.RunFolder
+    run: Any  # adamerge.train.runs.RunFolder
     model: nn.Module
     tv: TaskVectors
     heads: dict
@@ -184,7 +224,7 @@ class FitContext:
     eval_batch_size: int
     cache_dir: Any
     pool: dict | None  # FW-Merging's candidates {name: safetensors path}
-    evaluate: Callable  # adamerge.evaluation.evaluate
+    evaluate: Callable  # adamerge.train.evaluation.evaluate
     train: Callable  # (run_dir, tv, method, options) -> results: a nested Lightning fit
 
 
@@ -198,9 +238,27 @@ class Method:
     has_masks = False  # learnable masks (solvers with needs_masks need them)
     own_loop = False  # runs :meth:`run` instead of solver stages, and writes its own export
     description = ""
+    method_args_class: type | None = None  # the dataclass of ``options.method_args`` (None: the method has none)
 
     def validate(self, config: dict, model: nn.Module | None) -> None:
-        """Check inputs beyond the options (e.g. FW-Merging's pool) before ``fit`` writes anything."""
+        """Check inputs beyond the options (e.g. FW-Merging's pool) before ``fit`` writes anything.
+        Here: the merges named by ``preprocess`` / ``ties_density`` / ``init`` fit the experts
+        (consensus ``k <= T``, a density or ratio that keeps an entry of the model's parameters)."""
+        if model is None or not isinstance(config.get("experts"), dict):
+            return
+        from adamerge.merges import merge_request
+
+        cfg = self.config(config.get("options"))
+        tasks, entries = len(config["experts"]), sum(p.numel() for p in model.parameters())
+        if isinstance(cfg.init, (list, tuple)):
+            check_list("init", cfg.init, length=tasks, what=f"one per task: {list(config['experts'])}")
+        requests = [("preprocess", cfg.preprocess if cfg.preprocess is not None else
+                     ({"merge": "ties", "density": cfg.ties_density} if cfg.ties_density else None)),
+                    ("init", cfg.init if isinstance(cfg.init, dict) else None)]
+        for role, request in requests:
+            if request is not None and entries:
+                spec, opts = merge_request(request, role)
+                spec.check_fit(opts, tasks, entries)
 
     def run(self, ctx: FitContext) -> dict:
         """The whole fit of an own-loop method; returns entries for results.json."""
@@ -208,18 +266,54 @@ class Method:
 
     def export(self, folder, run_dir, cfg: dict, results: dict) -> str:
         """Write an own-loop method's export into ``folder``; returns what was written (for the CLI)."""
-        raise NotImplementedError(f"method '{self.name}' exports through adamerge.export.write_export")
+        raise NotImplementedError(f"method '{self.name}' exports through adamerge.workflows.export.write_export")
 
     def config(self, overrides: dict | None = None) -> MethodConfig:
-        """Defaults, then overrides (the ``*_args`` mappings are merged key by key)."""
+        """Defaults, then overrides (the ``*_args`` mappings are merged key by key). Every
+        ``*_args`` mapping is parsed by its dataclass here (the method's, each solver stage's), its
+        values stored typed (``per_task: 'false'`` becomes ``False``), and one the method never
+        reads (``method_args`` of a method without options, ``prepare_args`` without a prepare
+        solver, ``solver_args`` of a method with its own loop) is an error, not ignored."""
         values = {**self.defaults}
         for key, value in (overrides or {}).items():
             if key.endswith("_args") and isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}
             values[key] = value
         cfg = MethodConfig.from_dict(values)
+        self.parse_args(cfg)
         self.check(cfg)
         return cfg
+
+    def method_options(self, cfg: MethodConfig) -> Any:
+        """``cfg.method_args`` parsed by :attr:`method_args_class` (``None`` without one)."""
+        if self.method_args_class is None:
+            return None
+        return parse_options(self.method_args_class, cfg.method_args, f"method '{self.name}' (method_args)")
+
+    def parse_args(self, cfg: MethodConfig) -> None:
+        """Parse (and store typed) ``method_args`` and the solver stages' ``solver_args`` /
+        ``prepare_args``; refuse a mapping the method never reads."""
+        from adamerge.solvers import solver_class
+
+        def typed(args: dict, parsed: Any) -> dict:  # (lists, not tuples: the options are saved as YAML and JSON)
+            return {k: list(v) if isinstance(v, tuple) else v for k, v in ((k, getattr(parsed, k)) for k in args)}
+
+        if self.method_args_class is None:
+            if cfg.method_args:
+                raise InputError(f"method '{self.name}' has no method_args (it reads none), got {cfg.method_args!r}")
+        else:
+            cfg.method_args = typed(cfg.method_args, self.method_options(cfg))
+        if cfg.prepare_args and self.prepare_solver is None:
+            raise InputError(f"method '{self.name}' has no prepare solver: prepare_args {cfg.prepare_args!r} would be ignored")
+        stages = self.solvers(cfg)
+        if cfg.solver_args and not stages:
+            raise InputError(f"method '{self.name}' runs its own loop without a solver: solver_args {cfg.solver_args!r} would be ignored")
+        for name, args, _ in stages:
+            parsed = parse_options(solver_class(name).Options, args, f"solver '{name}'")
+            if args is cfg.solver_args and name == cfg.solver:
+                cfg.solver_args = typed(args, parsed)
+            elif args is cfg.prepare_args:
+                cfg.prepare_args = typed(args, parsed)
 
     def check(self, cfg: MethodConfig) -> None:
         """Refuse solver choices this method cannot use (before anything is written)."""
@@ -236,7 +330,7 @@ class Method:
 
     def uses_labels_with(self, cfg: MethodConfig) -> bool:
         """Whether a fit with ``cfg`` reads labels (from a labeled split, never the scored streams)."""
-        from adamerge.objectives import target_kind
+        from adamerge.train.objectives import target_kind
 
         return self.uses_labels or target_kind(cfg.objective) == "labels"
 
@@ -244,11 +338,11 @@ class Method:
                       labeled: list | None, cache_dir, say, seed: int, state: dict) -> TrainingData:
         """The data of a training stage. Default: the scored streams, unlabeled, with the experts'
         predictions when the objective needs them, or a labeled split for a labeled objective."""
-        from adamerge.objectives import target_kind
+        from adamerge.train.objectives import target_kind
 
         kind = target_kind(cfg.objective)
         if kind == "experts":
-            from adamerge.expert_targets import expert_logits
+            from adamerge.train.expert_targets import expert_logits
 
             return TrainingData(streams, expert_logits(model, tv, heads, streams, cache_dir, say=say))
         if kind == "labels":
@@ -293,6 +387,8 @@ class Method:
             from adamerge.merges import initial_coefficients
 
             return initial_coefficients(cfg.init, tv, merged.grouping, merged.merge_keys)
+        if isinstance(cfg.init, (list, tuple)):
+            check_list("init", cfg.init, length=merged.num_tasks, what=f"one per task: {merged.task_names}")
         return cfg.init
 
     def build(self, model: nn.Module, tv: TaskVectors, cfg: MethodConfig, seed: int = 0, state: dict | None = None,

@@ -17,44 +17,39 @@ export's metadata carry the expected density and, for a hard mask, the kept frac
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 
+from adamerge.checks import check_fields, option
 from adamerge.errors import InputError
-from adamerge.masks import MODES, ConcreteMasks
+from adamerge.core.masks import MODES, ConcreteMasks
 from adamerge.methods.base import Method, MethodConfig, register_method
 from adamerge.solvers.base import parse_options
 
 
+TEMPERATURE = (1e-4, 1e4)
+
+
 @dataclass
 class MaskOptions:
-    per_task: bool = False
-    temperature: float = 0.5
-    anneal_to: float | None = None
-    eval_mode: str = "sample"
-    sparsity: float | None = None
-    sparsity_weight: float = 1.0
-    adamerging_steps: int = 1000  # concrete_adamerging: the final AdaMerging stage on the frozen mask
+    per_task: bool = option(False)
+    # the Concrete temperature (and its annealed end): the mask logits are divided by it in float32,
+    # so it stays in [1e-4, 1e4] (a smaller one overflows the sample, a larger one makes it constant)
+    temperature: float = option(0.5, low=TEMPERATURE[0], high=TEMPERATURE[1])
+    anneal_to: float | None = option(None, low=TEMPERATURE[0], high=TEMPERATURE[1])
+    eval_mode: str = option("sample", choices=tuple(MODES))
+    sparsity: float | None = option(None, low=0, low_open=True, high=1)
+    sparsity_weight: float = option(1.0, low=0)
+    adamerging_steps: int = option(1000, low=0)  # concrete_adamerging: the final AdaMerging stage on the frozen mask
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "anneal_to"):
-            v = getattr(self, name)
-            if v is not None and not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):
-                raise InputError(f"concrete: {name} must be a number > 0, got {v!r}")
-        if self.eval_mode not in MODES:
-            raise InputError(f"concrete: eval_mode must be one of {MODES}, got {self.eval_mode!r}")
-        if self.sparsity is not None and not (isinstance(self.sparsity, (int, float)) and 0 < self.sparsity <= 1):
-            raise InputError(f"concrete: sparsity must be in (0, 1], got {self.sparsity!r}")
-        if not (isinstance(self.sparsity_weight, (int, float)) and self.sparsity_weight >= 0):
-            raise InputError(f"concrete: sparsity_weight must be >= 0, got {self.sparsity_weight!r}")
-        if not (isinstance(self.adamerging_steps, int) and self.adamerging_steps >= 0):
-            raise InputError(f"concrete: adamerging_steps must be an integer >= 0, got {self.adamerging_steps!r}")
+        check_fields(self, "concrete option")
 
 
 class _Concrete(Method):
     has_masks = True
+    method_args_class = MaskOptions
 
     def options(self, cfg: MethodConfig) -> MaskOptions:
         return parse_options(MaskOptions, cfg.method_args, f"method '{self.name}' (method_args)")

@@ -15,9 +15,9 @@ from typing import Any
 from torch import nn
 
 from adamerge.errors import InputError
-from adamerge.merged import MergedModel
+from adamerge.core.merged import MergedModel
 from adamerge.merges import MergeResult, get_merge, list_merges, run_merge
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 DATA_FREE_METHODS = tuple(list_merges())
 

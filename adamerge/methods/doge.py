@@ -21,7 +21,7 @@ from adamerge.methods.base import Method, MethodConfig, register_method
 from adamerge.solvers import doge_ops
 from adamerge.solvers.base import parse_options
 from adamerge.solvers.doge import DOGEOptions, matrix_keys
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 
 def trim_masks(vectors: dict, keys: list[str], keep: float) -> dict[str, torch.Tensor]:
@@ -33,7 +33,10 @@ def trim_masks(vectors: dict, keys: list[str], keep: float) -> dict[str, torch.T
     masks = {k: torch.zeros(vectors[k].shape, dtype=torch.bool) for k in keys}
     for t in range(T):
         flat = torch.cat([vectors[k][t].abs().reshape(-1).float() for k in keys])
-        drop = flat.numel() - max(1, int(keep * flat.numel()))
+        if int(keep * flat.numel()) < 1:
+            raise InputError(f"doge option 'trim' {keep:g} keeps int({keep:g} · {flat.numel()}) = 0 of each task's "
+                             f"{flat.numel()} weight-matrix entries; choose trim in [{1 / flat.numel():.3g}, 1]")
+        drop = flat.numel() - int(keep * flat.numel())
         threshold = flat.kthvalue(drop).values if drop > 0 else flat.min() - 1
         for k in keys:
             masks[k][t] = vectors[k][t].abs().float() > threshold

@@ -6,7 +6,7 @@ found in the pool, 0 elsewhere). Iteration t:
 
 1. the gradient g of the objective (entropy on the unlabeled streams by default; ``cross_entropy``
    on a labeled split marks ``uses_labels``) at the current merged weights, one task at a time;
-2. the oracle streams the pool (:class:`adamerge.pool.CheckpointPool`) and scores each candidate
+2. the oracle streams the pool (:class:`adamerge.core.pool.CheckpointPool`) and scores each candidate
    per tensor: ``cosine`` = cos(g_k, θ_c,k) against the candidate's full weights (the paper's), or
    ``linear`` = ⟨g_k, θ_c,k − θ0,k⟩ (the exact linear minimisation oracle of the hull); it picks
    one candidate per tensor (``oracle: layer``) or one checkpoint (``whole``: the lowest sum);
@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from adamerge.checks import check_choice, check_number
-from adamerge.data import StepBatches, images_layout
+from adamerge.checks import check_fields, option
+from adamerge.train.data import StepBatches, images_layout
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.methods.base import FitContext, Method, MethodConfig, register_method
 from adamerge.solvers.base import parse_options
@@ -41,30 +41,21 @@ from adamerge.solvers.base import parse_options
 class FWOptions:
     """Options of ``fw_merging`` (``options.method_args``); the paper's defaults."""
 
-    iterations: int = 10
-    step_size: float = 0.1
-    scale: float = 0.3
-    oracle: str = "layer"  # layer (a candidate per tensor) | whole (one checkpoint)
-    score: str = "cosine"  # cosine (vs the candidate's full weights) | linear (<g, θ_c − θ0>)
-    init: float = 0.3  # task arithmetic's λ on the experts in the pool (the start)
-    soft: bool = False  # FW-Soft: AdaMerging over the soft_k best candidates each iteration
-    soft_k: int = 2
-    soft_steps: int = 50
-    soft_lr: float = 1e-2
+    iterations: int = option(10, low=0)
+    step_size: float = option(0.1, low=0)
+    scale: float = option(0.3, low=0)
+    oracle: str = option("layer", choices=("layer", "whole"))  # layer (a candidate per tensor) | whole (one checkpoint)
+    score: str = option("cosine", choices=("cosine", "linear"))  # cosine (vs the candidate's full weights) | linear (<g, θ_c − θ0>)
+    init: float = option(0.3, low=0)  # task arithmetic's λ on the experts in the pool (the start)
+    soft: bool = option(False)  # FW-Soft: AdaMerging over the soft_k best candidates each iteration
+    soft_k: int = option(2, low=2)  # AdaMerging needs 2 task vectors
+    soft_steps: int = option(50, low=0)
+    soft_lr: float = option(1e-2, low=0, low_open=True)
 
     def __post_init__(self) -> None:
-        owner = "fw_merging option"
-        check_choice("oracle", self.oracle, ("layer", "whole"), owner)
-        check_choice("score", self.score, ("cosine", "linear"), owner)
-        for name in ("iterations", "soft_steps"):
-            check_number(name, getattr(self, name), low=0, integer=True, owner=owner)
-        check_number("soft_k", self.soft_k, low=2, integer=True, owner=owner)  # AdaMerging needs 2 task vectors
-        for name in ("step_size", "scale", "init", "soft_lr"):
-            check_number(name, getattr(self, name), low=0, owner=owner)
+        check_fields(self, "fw_merging option")
         if self.step_size * self.scale > 1:
             raise InputError("fw_merging needs step_size * scale <= 1 (the step stays inside the hull)")
-        if not isinstance(self.soft, bool):
-            raise InputError(f"fw_merging option 'soft' must be true or false, got {self.soft!r}")
 
 
 def fw_options(cfg: MethodConfig) -> FWOptions:
@@ -113,7 +104,7 @@ class StateModule(torch.nn.Module):
 def open_pool(candidates: dict, base: dict, keys: list[str], experts: dict, tasks: list[str]):
     """The pool (headers checked) and the candidates that are experts (where FW starts: task
     arithmetic over them): a candidate whose file is an expert's, or that is named like a task."""
-    from adamerge.pool import CheckpointPool
+    from adamerge.core.pool import CheckpointPool
 
     if not candidates:
         raise InputError("fw_merging needs its pool as safetensors files: give 'pool:' in the config")
@@ -131,9 +122,10 @@ class FWMerging(Method):
     description = "Frank-Wolfe over a pool of checkpoints (memory-mapped), hard or soft (AdaMerging over the chosen)"
     own_loop = True
     defaults = {"granularity": "layer", "steps": 0, "batch_size": 100}
+    method_args_class = FWOptions
 
     def check(self, cfg: MethodConfig) -> None:
-        from adamerge.objectives import target_kind
+        from adamerge.train.objectives import target_kind
 
         opts = fw_options(cfg)
         if target_kind(cfg.objective) == "views":
@@ -151,11 +143,15 @@ class FWMerging(Method):
 
         base = load_state_dict(config["base"], prefix=config.get("prefix"))
         keys = [n for n, _ in model.named_parameters()] if model is not None else [k for k, v in base.items() if v.is_floating_point()]
-        open_pool(config.get("pool") or config["experts"], base, keys, config["experts"], list(config["experts"]))
+        pool, _ = open_pool(config.get("pool") or config["experts"], base, keys, config["experts"], list(config["experts"]))
+        opts = fw_options(self.config(config.get("options")))
+        if opts.soft and opts.soft_k > len(pool):
+            raise InputError(f"fw_merging option 'soft_k' = {opts.soft_k} is more than the {len(pool)} candidates of the pool "
+                             f"{pool.names}; choose soft_k in [2, {len(pool)}]")
 
     def run(self, ctx: FitContext) -> dict:
-        from adamerge.merged import _meta_copy
-        from adamerge.objectives import get_objective, target_kind
+        from adamerge.core.merged import _meta_copy
+        from adamerge.train.objectives import get_objective, target_kind
 
         opts, cfg, run = fw_options(ctx.cfg), ctx.cfg, ctx.run
         experts = {t: p for t, p in ctx.tv.sources.items() if t != "base"}
@@ -241,8 +237,8 @@ class FWMerging(Method):
 
     def _soft_target(self, ctx: FitContext, pool, chosen: list[int], t: int, opts: FWOptions) -> Tensor:
         """FW-Soft's vertex: layer-wise AdaMerging over the chosen candidates (a nested fit)."""
-        from adamerge.runs import RunFolder
-        from adamerge.task_vectors import TaskVectors
+        from adamerge.train.runs import RunFolder
+        from adamerge.core.task_vectors import TaskVectors
 
         sub_tv = TaskVectors.from_state_dicts(ctx.tv.base, {pool.names[c]: pool.state_dict(c) for c in chosen},
                                               base_source="the base")
@@ -257,10 +253,10 @@ class FWMerging(Method):
 
     def export(self, folder: Path, run_dir, cfg: dict, results: dict) -> str:
         from adamerge.config import build_heads, build_model
-        from adamerge.export import write_merged_export
+        from adamerge.io.export_files import write_merged_export
         from adamerge.io.state_dicts import load_state_dict
-        from adamerge.pool import CheckpointPool
-        from adamerge.runs import RunFolder
+        from adamerge.core.pool import CheckpointPool
+        from adamerge.train.runs import RunFolder
 
         model, _ = build_model(cfg["model"])
         base = load_state_dict(cfg["base"], prefix=cfg["prefix"])

@@ -19,7 +19,7 @@ from adamerge.errors import InputError
 from adamerge.methods.base import FitContext, Method, MethodConfig, register_method
 from adamerge.progress import Progress
 from adamerge.solvers.base import parse_options
-from adamerge.test_time import T3Options, TestTimeMerger, t3_merged_model
+from adamerge.core.test_time import T3Options, TestTimeMerger, t3_merged_model
 
 PACKAGE_KIND = "t3"
 
@@ -39,6 +39,7 @@ class T3(Method):
     description = "test-time merging from the pretrained/expert divergence, per input (T3) or per batch (T3_B)"
     own_loop = True
     defaults = {"granularity": "task", "steps": 0}
+    method_args_class = T3Options
 
     def check(self, cfg: MethodConfig) -> None:
         t3_options(cfg)
@@ -86,16 +87,16 @@ class T3(Method):
             "steps": 0,
         }
         if labelled:
-            from adamerge.evaluation import accuracy_table
+            from adamerge.train.evaluation import accuracy_table
 
             out["after"] = accuracy_table(correct, {s.name: len(s) for s in ctx.streams})
         return out
 
     def export(self, folder: Path, run_dir, cfg: dict, results: dict) -> str:
         from adamerge.config import build_heads
-        from adamerge.export import export_metadata, model_card, write_heads
+        from adamerge.io.export_files import export_metadata, model_card, write_heads
         from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
-        from adamerge.task_vectors import TaskVectors
+        from adamerge.core.task_vectors import TaskVectors
 
         # what the package holds, and nothing more (no model, no data streams)
         tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])

@@ -3,7 +3,7 @@
 A solver owns how a method's parameters move. Two kinds:
 
 - data solvers (``needs_data = True``) run inside Lightning with manual optimisation: the
-  LightningModule (:class:`adamerge.training.MergeModule`) hands each step's batch to
+  LightningModule (:class:`adamerge.train.loop.MergeModule`) hands each step's batch to
   :meth:`Solver.training_step`, which computes the loss through ``module.batch_loss``, runs
   ``module.manual_backward`` once and steps exactly ONE Lightning optimiser once (so
   ``trainer.global_step`` counts steps, which the data index and ``--resume`` rely on). Their
@@ -22,8 +22,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from adamerge.checks import parse_options as _parse_options
 from adamerge.errors import InputError
-from adamerge.registry import Registry, did_you_mean
+from adamerge.registry import Registry
 
 
 @dataclasses.dataclass
@@ -32,16 +33,9 @@ class NoOptions:
 
 
 def parse_options(cls: type, values: dict | None, owner: str) -> Any:
-    """``cls(**values)`` with a clear error for an unknown key (with a did-you-mean)."""
-    values = dict(values or {})
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in values:
-        if key not in names:
-            raise InputError(f"unknown option '{key}' for {owner}{did_you_mean(key, names)}; known: {names}")
-    try:
-        return cls(**values)
-    except TypeError as err:
-        raise InputError(f"{owner}: {err}") from None
+    """``cls(**values)`` through the one typed parser (:func:`adamerge.checks.parse_options`):
+    unknown keys get a did-you-mean, every value is checked by its field's type and range."""
+    return _parse_options(cls, values, owner)
 
 
 def closure_loss(closure):
@@ -83,7 +77,7 @@ class Solver:
 
     # ---------------------------------------------------------------- how the constraint enters the model
     def parametrisation(self) -> dict:
-        """Keyword arguments for :class:`~adamerge.merged.MergedModel`: how the constraint is
+        """Keyword arguments for :class:`~adamerge.core.merged.MergedModel`: how the constraint is
         applied in the forward (default: none; projection-based solvers keep it that way)."""
         return {"clamp": None, "simplex": False}
 

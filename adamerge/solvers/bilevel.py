@@ -15,17 +15,17 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adamerge.checks import check_fields, option
 from adamerge.errors import InputError
 from adamerge.solvers.base import Solver, register_solver
 
 
 @dataclass
 class BilevelOptions:
-    inner_lr: float = 1.0
+    inner_lr: float = option(1.0, low=0, low_open=True)
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.inner_lr, (int, float)) and self.inner_lr > 0):
-            raise InputError(f"bilevel: inner_lr must be a number > 0, got {self.inner_lr!r}")
+        check_fields(self, "bilevel option")
 
 
 @register_solver("bilevel")

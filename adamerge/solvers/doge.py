@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adamerge.checks import check_fields, option
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.solvers import doge_ops
 from adamerge.solvers.base import Solver, register_solver
@@ -28,28 +29,20 @@ def matrix_keys(tv, param_names: list[str]) -> list[str]:
 
 @dataclass
 class DOGEOptions:
-    c: float = doge_ops.DEFAULT_C  # λ_t = c / ‖τ_t‖_F per weight matrix
-    per_task: bool = False  # one δ per task (the AdaMerging variant of the port) or one shared
-    keep: str = "orthogonal"  # the gradient part kept: "orthogonal" (the port: g − UUᵀg) or "subspace" (UUᵀg)
-    project: str = "gradient"  # project the gradient (the port) or also every update ("update")
-    subspace_divisor: float = doge_ops.DEFAULT_SUBSPACE_DIVISOR  # keep r/6 columns of the shared basis
-    per_task_divisor: float | None = None  # each task contributes r/T singular vectors (None: T)
-    lr: float = doge_ops.DEFAULT_LR
-    steps_per_layer: int | None = None  # None: options.steps
-    trim: float = doge_ops.DEFAULT_TRIM_KEEP  # final merge keeps this fraction of each τ_t by magnitude (1: no trim)
-    others: float = 0.0  # coefficient of the parameters without a correction (the port leaves them at θ0)
+    c: float = option(doge_ops.DEFAULT_C, low=0, low_open=True)  # λ_t = c / ‖τ_t‖_F per weight matrix
+    per_task: bool = option(False)  # one δ per task (the AdaMerging variant of the port) or one shared
+    # the gradient part kept: "orthogonal" (the port: g − UUᵀg) or "subspace" (UUᵀg)
+    keep: str = option("orthogonal", choices=tuple(doge_ops.KEEP_CHOICES))
+    project: str = option("gradient", choices=tuple(doge_ops.PROJECT_CHOICES))  # project the gradient (the port) or also every update ("update")
+    subspace_divisor: float = option(doge_ops.DEFAULT_SUBSPACE_DIVISOR, low=0, low_open=True)  # keep r/6 columns of the shared basis
+    per_task_divisor: float | None = option(None, low=0, low_open=True)  # each task contributes r/T singular vectors (None: T)
+    lr: float = option(doge_ops.DEFAULT_LR, low=0, low_open=True)
+    steps_per_layer: int | None = option(None, low=0)  # None: options.steps
+    trim: float = option(doge_ops.DEFAULT_TRIM_KEEP, low=0, low_open=True, high=1)  # final merge keeps this fraction of each τ_t by magnitude (1: no trim)
+    others: float = option(0.0)  # coefficient of the parameters without a correction (the port leaves them at θ0)
 
     def __post_init__(self) -> None:
-        if self.keep not in doge_ops.KEEP_CHOICES:
-            raise InputError(f"doge: keep must be one of {doge_ops.KEEP_CHOICES}, got {self.keep!r}")
-        if self.project not in doge_ops.PROJECT_CHOICES:
-            raise InputError(f"doge: project must be one of {doge_ops.PROJECT_CHOICES}, got {self.project!r}")
-        if not (isinstance(self.trim, (int, float)) and 0 < self.trim <= 1):
-            raise InputError(f"doge: trim must be in (0, 1], got {self.trim!r}")
-        if not (isinstance(self.c, (int, float)) and self.c > 0):
-            raise InputError(f"doge: c must be a number > 0, got {self.c!r}")
-        if self.steps_per_layer is not None and not (isinstance(self.steps_per_layer, int) and self.steps_per_layer >= 0):
-            raise InputError(f"doge: steps_per_layer must be an integer >= 0, got {self.steps_per_layer!r}")
+        check_fields(self, "doge option")
 
 
 @register_solver("doge")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adamerge.checks import check_fields, check_float, option
 from adamerge.errors import InputError
 from adamerge.solvers.base import Solver, closure_loss, register_solver, start_feasible
 from adamerge.solvers.gradient import backward_and_step
@@ -85,22 +86,22 @@ class FrankWolfe(torch.optim.Optimizer):
         return loss
 
 
+def _average(name: str, value, owner: str) -> float:
+    if isinstance(value, str):
+        raise InputError(f"{owner} '{name}' must be a number in (0, 1] or 'decaying', got {value!r}")
+    return check_float(name, value, low=0, low_open=True, high=1, owner=owner)
+
+
 @dataclass
 class FWOptions:
-    step: str = "standard"  # "standard" (γ = 2/(t+2)) or "line_search" (on the step's batch)
-    average: float | str = 1.0  # weight of the new gradient in the running average (1 = none) or "decaying"
-    gap_tol: float | None = None  # stop once the duality gap is below this
-    line_search_evals: int = 12  # batch-loss evaluations of the golden-section search
+    step: str = option("standard", choices=STEPS)  # "standard" (γ = 2/(t+2)) or "line_search" (on the step's batch)
+    # weight of the new gradient in the running average (1 = none) or "decaying"
+    average: float | str = option(1.0, check=lambda name, v, owner: v if v == "decaying" else _average(name, v, owner))
+    gap_tol: float | None = option(None, low=0)  # stop once the duality gap is below this
+    line_search_evals: int = option(12, low=2)  # batch-loss evaluations of the golden-section search
 
     def __post_init__(self) -> None:
-        if self.step not in STEPS:
-            raise InputError(f"frank_wolfe: step must be one of {STEPS}, got '{self.step}'")
-        if self.average != "decaying" and not (isinstance(self.average, (int, float)) and 0 < self.average <= 1):
-            raise InputError(f"frank_wolfe: average must be in (0, 1] or 'decaying', got {self.average!r}")
-        if self.gap_tol is not None and not (isinstance(self.gap_tol, (int, float)) and self.gap_tol >= 0):
-            raise InputError(f"frank_wolfe: gap_tol must be a number >= 0, got {self.gap_tol!r}")
-        if not isinstance(self.line_search_evals, int) or self.line_search_evals < 2:
-            raise InputError(f"frank_wolfe: line_search_evals must be an integer >= 2, got {self.line_search_evals!r}")
+        check_fields(self, "frank_wolfe option")
 
 
 def golden_section(f, evals: int) -> float:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from adamerge.errors import InputError
+from adamerge.checks import check_fields, option
 from adamerge.solvers.base import Solver, register_solver
 from adamerge.solvers.optimizers import create_optimizer
 
@@ -28,11 +28,10 @@ def scheduled_lr(lr: float, step: int, total: int, schedule: str) -> float:
 
 @dataclass
 class GradientOptions:
-    schedule: str = "constant"  # or "cosine"
+    schedule: str = option("constant", choices=tuple(SCHEDULES))  # or "cosine"
 
     def __post_init__(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"gradient: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        check_fields(self, "gradient option")
 
 
 def backward_and_step(module, batch, solver: Solver, clip: float | None) -> tuple[Tensor, object]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adamerge.checks import check_fields, option
 from adamerge.errors import InputError
 from adamerge.solvers.base import Solver, closure_loss, register_solver, start_feasible
 from adamerge.solvers.gradient import backward_and_step
@@ -76,16 +77,13 @@ class ProjectedGradient(torch.optim.Optimizer):
 
 @dataclass
 class PGDOptions:
-    preconditioner: str = "adam"  # "none" (plain gradient step) or "adam"
-    schedule: str = "constant"  # "constant" or "decay" (lr / sqrt(t))
-    betas: tuple = (0.9, 0.999)
-    eps: float = 1e-8
+    preconditioner: str = option("adam", choices=tuple(PRECONDITIONERS))  # "none" (plain gradient step) or "adam"
+    schedule: str = option("constant", choices=tuple(SCHEDULES))  # "constant" or "decay" (lr / sqrt(t))
+    betas: tuple[float, float] = option((0.9, 0.999), low=0, high=1, high_open=True)  # Adam's β1, β2 in [0, 1)
+    eps: float = option(1e-8, low=0, low_open=True)
 
     def __post_init__(self) -> None:
-        if self.preconditioner not in PRECONDITIONERS:
-            raise InputError(f"pgd: preconditioner must be one of {PRECONDITIONERS}, got '{self.preconditioner}'")
-        if self.schedule not in SCHEDULES:
-            raise InputError(f"pgd: schedule must be one of {SCHEDULES}, got '{self.schedule}'")
+        check_fields(self, "pgd option")
 
 
 @register_solver("pgd")

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from adamerge.data import LinearHead, TaskStream, stream_from_tensors
+from adamerge.train.data import LinearHead, TaskStream, stream_from_tensors
 
 IMAGE = 16
 

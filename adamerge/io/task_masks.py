@@ -22,7 +22,7 @@ from adamerge.errors import InputError
 from adamerge.io.files import atomic_save_safetensors, sha256_file
 from adamerge.merges import tall_masks
 from adamerge.registry import did_you_mean
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 MASKS_FILE = "task_masks.safetensors"
 FORMAT = "adamerge-task-masks-v1"

@@ -27,36 +27,33 @@ from typing import Mapping, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from adamerge.checks import check_choice, check_number
-from adamerge.data import images_layout
+from adamerge.checks import check_fields, option
+from adamerge.train.data import images_layout
 from adamerge.errors import InputError
-from adamerge.merged import MergedModel
+from adamerge.core.merged import MergedModel
+
+
+LAM_LIMIT = 1e6
 
 
 @dataclass
 class T3Options:
     """Options of ``t3`` (``options.method_args``); defaults fixed on the quick demo zoo."""
 
-    per: str = "sample"  # sample (T3: one merge per input) | batch (T3_B: one merge per batch)
-    gamma: float = 10.0  # slope of the sigmoid (or softmax temperature⁻¹) on the divergence
-    lam_min: float = 0.0
-    lam_max: float = 1.0
-    log_base: float = 2.0  # divergences in bits: JS ∈ [0, 1]; math.e gives nats (JS ≤ ln 2)
-    side: str = "expert"  # expert: c_j grows with expert j's divergence | generalist: shrinks
-    combine: str = "softmax"  # softmax (over experts: a router) | independent (a sigmoid per expert)
-    aggregate: str = "mean_divergence"  # T3_B: mean_divergence (then λ) | mean_lambda
-    chunk: int = 16  # T3: inputs merged at once (memory: chunk merged parameter copies)
-    batch_size: int = 64
+    per: str = option("sample", choices=("sample", "batch"))  # sample (T3: one merge per input) | batch (T3_B: one merge per batch)
+    gamma: float = option(10.0)  # slope of the sigmoid (or softmax temperature⁻¹) on the divergence; any finite value
+    # the coefficients' range; |λ| <= 1e6 (a larger coefficient overflows the merged float32 weights)
+    lam_min: float = option(0.0, low=-LAM_LIMIT, high=LAM_LIMIT)
+    lam_max: float = option(1.0, low=-LAM_LIMIT, high=LAM_LIMIT)
+    log_base: float = option(2.0, low=1, low_open=True)  # divergences in bits: JS ∈ [0, 1]; math.e gives nats (JS ≤ ln 2)
+    side: str = option("expert", choices=("expert", "generalist"))  # expert: c_j grows with expert j's divergence | generalist: shrinks
+    combine: str = option("softmax", choices=("independent", "softmax"))  # softmax (over experts: a router) | independent (a sigmoid per expert)
+    aggregate: str = option("mean_divergence", choices=("mean_divergence", "mean_lambda"))  # T3_B: mean_divergence (then λ) | mean_lambda
+    chunk: int = option(16, low=1)  # T3: inputs merged at once (memory: chunk merged parameter copies)
+    batch_size: int = option(64, low=1)
 
     def __post_init__(self) -> None:
-        for name, allowed in {"per": ("sample", "batch"), "side": ("expert", "generalist"),
-                              "combine": ("independent", "softmax"), "aggregate": ("mean_divergence", "mean_lambda")}.items():
-            check_choice(name, getattr(self, name), allowed, "t3 option")
-        for name in ("gamma", "lam_min", "lam_max"):
-            check_number(name, getattr(self, name), owner="t3 option")
-        check_number("log_base", self.log_base, low=1, low_open=True, owner="t3 option")
-        for name in ("chunk", "batch_size"):
-            check_number(name, getattr(self, name), low=1, integer=True, owner="t3 option")
+        check_fields(self, "t3 option")
         if self.lam_min > self.lam_max:
             raise InputError(f"t3 options need lam_min <= lam_max, got {self.lam_min} > {self.lam_max}")
 
@@ -73,13 +70,25 @@ def js_divergence(p: Tensor, q: Tensor, log_base: float = math.e) -> Tensor:
 
 
 def t3_coefficients(divergence: Tensor, opts: T3Options) -> Tensor:
-    """Coefficients of the task vectors ``[..., T]`` from the divergences ``[..., T]``."""
-    lo, hi = opts.lam_min, opts.lam_max
+    """Coefficients of the task vectors ``[..., T]`` from the divergences ``[..., T]``.
+
+    Finite for every finite option: computed in float64; the softmax is taken of
+    ``γ·s·(d − d_ref)`` with ``d_ref`` the divergence where ``γ·s·d`` is largest, so every
+    exponent is <= 0 (an overflow to −inf gives weight 0, the largest entry gives exactly 1,
+    never inf − inf); the sigmoid's input is clamped to ±80 (σ is 0 or 1 to float64 precision
+    beyond); and ``λ_min·(1 − w) + λ_max·w`` never forms ``λ_max − λ_min``."""
+    lo, hi = float(opts.lam_min), float(opts.lam_max)
+    d = divergence.to(torch.float64)
     if opts.combine == "softmax":
-        sign = 1.0 if opts.side == "expert" else -1.0
-        return lo + (hi - lo) * torch.softmax(sign * opts.gamma * divergence, dim=-1)
-    lam = lo + (hi - lo) * torch.sigmoid(opts.gamma * divergence)
-    return lam if opts.side == "expert" else lo + hi - lam
+        slope = opts.gamma * (1.0 if opts.side == "expert" else -1.0)
+        ref = d.amax(-1, keepdim=True) if slope >= 0 else d.amin(-1, keepdim=True)
+        z = slope * (d - ref)  # <= 0, possibly -inf, never NaN (d is finite)
+        w = torch.softmax(z.nan_to_num(nan=0.0, neginf=-torch.inf), dim=-1)
+    else:
+        w = torch.sigmoid((opts.gamma * d).nan_to_num(nan=0.0).clamp(-80.0, 80.0))
+        if opts.side != "expert":
+            w = 1.0 - w
+    return (lo * (1.0 - w) + hi * w).to(divergence.dtype)
 
 
 class T3Output(NamedTuple):

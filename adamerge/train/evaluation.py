@@ -1,6 +1,6 @@
 """Scoring without Lightning: accuracy per task of any backbone (a merged model, a plain module,
 a test-time merger) with frozen per-task heads. Methods with their own loop (T3, FW-Merging) and
-``predict`` use it; :mod:`adamerge.training` re-exports it."""
+``predict`` use it; :mod:`adamerge.train.loop` re-exports it."""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
-from adamerge.data import TaskStream, images_layout
+from adamerge.train.data import TaskStream, images_layout
 
 
 def reestimate_batches(streams: Sequence[TaskStream], batch_size: int):

@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from adamerge.errors import InputError
-from adamerge.granularity import Grouping, Spec, make_grouping
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.granularity import Grouping, Spec, make_grouping
+from adamerge.core.task_vectors import TaskVectors
 
 BUFFER_POLICIES = ("base", "average", "reestimate")
 
@@ -35,6 +35,16 @@ def _blocks(n: int, device: torch.device) -> list[slice]:
     if device.type != "cpu" or CPU_CHUNK <= 0 or n <= CPU_CHUNK:
         return [slice(0, n)]
     return [slice(s, min(s + CPU_CHUNK, n)) for s in range(0, n, CPU_CHUNK)]
+
+
+def merge_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """The arithmetic dtype of a merge into a base of ``base_dtype``: float64 stays float64,
+    float32 and half precision (bfloat16/float16 bases or task vectors) are computed in float32."""
+    return torch.float64 if base_dtype == torch.float64 else torch.float32
+
+
+def _is_float_tensor(x) -> bool:
+    return isinstance(x, Tensor) and x.is_floating_point()
 
 
 class _MergeTensor(torch.autograd.Function):
@@ -76,7 +86,8 @@ class _MergeTensor(torch.autograd.Function):
 
 
 def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:
-    """``base + Σ_t weights[t] · tau[t]``, differentiable in ``weights`` only."""
+    """``base + Σ_t weights[t] · tau[t]``, differentiable in ``weights`` only, computed in the
+    weights' dtype and returned in the base's (callers cast the weights with :func:`merge_dtype`)."""
     return _MergeTensor.apply(weights, tau, base)
 
 
@@ -98,7 +109,7 @@ class MergedModel(nn.Module):
         model: the architecture (its own weights are not used; the base weights come from ``tv``).
         task_vectors: base state and stacked task vectors whose keys match ``model.state_dict()``.
         granularity: ``task``, ``block``, ``layer``, ``partition:R[:random]`` or a list of rules
-            (see :mod:`adamerge.granularity`).
+            (see :mod:`adamerge.core.granularity`).
         init: initial applied coefficient: a float, or a tensor broadcastable to ``[T, G]``.
         clamp: ``(low, high)`` box applied in the forward (the raw parameter is unbounded; the
             gradient is zero outside the box, as in AdaMerging), or ``None``.
@@ -159,14 +170,9 @@ class MergedModel(nn.Module):
         for i, k in enumerate(self.extra_buffer_keys):
             self.register_buffer(f"_extra{i}", named_buffers[k].detach().clone(), persistent=False)
 
-        T, G = len(self.task_names), self.grouping.num_groups
-        init_t = torch.as_tensor(init, dtype=torch.float32)
-        try:
-            if init_t.dim() == 1 and init_t.numel() == T:  # one value per task
-                init_t = init_t[:, None]
-            init_t = init_t.expand(T, G).clone()
-        except RuntimeError:
-            raise InputError(f"init of shape {tuple(init_t.shape)} does not fit coefficients [{T}, {G}]") from None
+        # float64 coefficients for a float64 model (the merge stays float64 end to end), else float32
+        dtype = torch.float64 if any(tv.base[k].dtype == torch.float64 for k in self.merge_keys) else torch.float32
+        init_t = self._coefficient_values(init, dtype, "init")
         if simplex:
             if (init_t <= 0).any():
                 raise InputError("simplex coefficients need a positive init")
@@ -174,7 +180,7 @@ class MergedModel(nn.Module):
         self.coefficients = nn.Parameter(init_t)
         self._fixed: dict[str, Tensor] | None = None  # see fixed_parameters
         self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
-        self.mask_set: nn.Module | None = None  # learnable masks (adamerge.masks.ConcreteMasks)
+        self.mask_set: nn.Module | None = None  # learnable masks (adamerge.core.masks.ConcreteMasks)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -222,10 +228,31 @@ class MergedModel(nn.Module):
             return c.clamp(*self.clamp)
         return c
 
+    def _coefficient_values(self, values, dtype: torch.dtype, what: str = "coefficients") -> Tensor:
+        """``values`` as a ``[T, G]`` tensor: a number, one value per task (``[T]``: each task's
+        value in every group), or ``[T, G]`` / broadcastable to it. Anything else (a list of the
+        wrong length, a ``[G]`` row) is a one-line error, never a silent broadcast."""
+        T, G = len(self.task_names), self.grouping.num_groups
+        try:
+            t = torch.as_tensor(values, dtype=dtype)
+        except (TypeError, ValueError, RuntimeError):
+            raise InputError(f"{what} must be a number, one per task ({T}) or [{T}, {G}] values, got {values!r}") from None
+        if t.dim() == 1:
+            if t.numel() != T:
+                raise InputError(f"{what} has {t.numel()} values; give one number, or one per task ({T} tasks: "
+                                 f"{self.task_names})")
+            t = t[:, None]
+        if t.dim() > 2 or (t.dim() == 2 and (t.shape[0] not in (1, T) or t.shape[1] not in (1, G))):
+            raise InputError(f"{what} of shape {tuple(t.shape)} does not fit coefficients [{T}, {G}]")
+        if not torch.isfinite(t).all():
+            raise InputError(f"{what} must be finite, got {values!r}")
+        return t.expand(T, G).clone()
+
     @torch.no_grad()
     def set_coefficients(self, values: Tensor) -> None:
-        """Set the applied coefficients (inverse of the parametrisation), e.g. from a saved run."""
-        values = torch.as_tensor(values, dtype=self.coefficients.dtype).expand_as(self.coefficients)
+        """Set the applied coefficients (inverse of the parametrisation), e.g. from a saved run:
+        a number, one per task, or ``[T, G]`` (cast to the coefficients' dtype)."""
+        values = self._coefficient_values(values, self.coefficients.dtype)
         self.coefficients.copy_((values / self.total).clamp_min(1e-12).log() if self.simplex else values)
 
     # ------------------------------------------------------------------ the merge
@@ -256,7 +283,9 @@ class MergedModel(nn.Module):
                 if weights.dim() == 1:
                     weights = weights.reshape(-1, *([1] * (tau.dim() - 1)))
                 weights = weights * mask.to(tau.device)
-            out[key] = merge_tensor(weights, tau, base)
+            # the merge's arithmetic follows the model (float64 stays float64; a bfloat16 base or
+            # τ is merged in float32 and returned in the base's dtype); autograd casts the gradient back
+            out[key] = merge_tensor(weights.to(merge_dtype(base.dtype)), tau, base)
         return out
 
     def add_masks(self, mask_set: nn.Module) -> None:
@@ -273,8 +302,21 @@ class MergedModel(nn.Module):
         out.update({k: self._tensor("_extra", i) for i, k in enumerate(self.extra_buffer_keys)})
         return out
 
+    @property
+    def input_dtype(self) -> torch.dtype | None:
+        """The merged model's floating dtype (its first merged parameter's), or ``None``."""
+        return self._tensor("_base", 0).dtype if self.merge_keys else None
+
+    def cast_inputs(self, args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
+        """Floating-point input tensors in the model's dtype (a float32 batch through a float64 or
+        bfloat16 model); other arguments unchanged."""
+        dtype = self.input_dtype
+        cast = (lambda a: a.to(dtype) if _is_float_tensor(a) and a.dtype != dtype else a) if dtype else (lambda a: a)
+        return tuple(cast(a) for a in args), {k: cast(v) for k, v in (kwargs or {}).items()}
+
     def forward(self, *args, **kwargs):
         params = self._fixed if self._fixed is not None else self.merged_parameters()
+        args, kwargs = self.cast_inputs(args, kwargs)
         return functional_call(self._arch, {**params, **self.current_buffers()}, args, kwargs)
 
     @contextlib.contextmanager
@@ -302,12 +344,13 @@ class MergedModel(nn.Module):
         out: dict[str, Tensor] = {}
         for i, key in enumerate(self.merge_keys):
             base, tau = self._tensor("_base", i), self._tensor("_tau", i)
-            w = coefficients[:, :, self.grouping.tensor_group[key]].to(torch.float32)  # [M, T]
-            rows = tau.reshape(T, -1).to(torch.float32)
+            dtype = merge_dtype(base.dtype)
+            w = coefficients[:, :, self.grouping.tensor_group[key]].to(dtype)  # [M, T]
+            rows = tau.reshape(T, -1).to(dtype)
             mask = self.masks.get(key) if self.masks else None
             if mask is not None:
-                rows = rows * mask.to(rows.device, torch.float32).expand(tau.shape).reshape(T, -1)
-            flat = torch.addmm(base.reshape(1, -1).to(torch.float32), w, rows)
+                rows = rows * mask.to(rows.device, dtype).expand(tau.shape).reshape(T, -1)
+            flat = torch.addmm(base.reshape(1, -1).to(dtype), w, rows)
             out[key] = flat.reshape(-1, *base.shape).to(base.dtype)
         return out
 
@@ -325,6 +368,7 @@ class MergedModel(nn.Module):
         vs 1.47 s in a loop, against 0.31 s for one plain forward)."""
         if per_input and x.shape[0] != coefficients.shape[0]:
             raise InputError(f"{coefficients.shape[0]} coefficient sets for {x.shape[0]} inputs")
+        (x,), _ = self.cast_inputs((x,))
         buffers = self.current_buffers()
 
         def run(p: dict[str, Tensor], xi: Tensor) -> Tensor:
@@ -390,8 +434,8 @@ class MergedModel(nn.Module):
                 m.momentum = None
             self._arch.train()
             for batch in batches:
-                args = batch if isinstance(batch, (tuple, list)) else (batch,)
-                functional_call(self._arch, state, tuple(args))
+                args, _ = self.cast_inputs(tuple(batch) if isinstance(batch, (tuple, list)) else (batch,))
+                functional_call(self._arch, state, args)
                 seen += 1
         finally:
             for m, mom in zip(bns, momenta):

@@ -1,6 +1,6 @@
 """Lightning wiring: the LightningModule, the step-indexed data module, ``fit`` (the solver
 stages of a method) and ``evaluate``. The run folder's files are read and written by
-:mod:`adamerge.runs`; how parameters move is the solver's business (:mod:`adamerge.solvers`).
+:mod:`adamerge.train.runs`; how parameters move is the solver's business (:mod:`adamerge.solvers`).
 Checkpoints hold coefficients, optimiser and loop state only: the task vectors are
 non-persistent buffers and the heads are dropped.
 """
@@ -25,15 +25,14 @@ from torch import Tensor, nn
 from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
-from adamerge.data import StepBatch, StepBatches, TaskStream, check_batch_size, images_layout, strong_view
+from adamerge.train.data import StepBatch, StepBatches, TaskStream, images_layout, strong_view
 from adamerge.errors import InputError, NonFiniteLossError
-from adamerge.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
-from adamerge.merged import MergedModel
-from adamerge.methods import MethodConfig, create_method
-from adamerge.objectives import get_objective, target_kind
-from adamerge.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
-from adamerge.solvers import create_solver
-from adamerge.task_vectors import TaskVectors
+from adamerge.train.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
+from adamerge.core.merged import MergedModel
+from adamerge.methods import MethodConfig
+from adamerge.train.objectives import get_objective, target_kind
+from adamerge.train.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
+from adamerge.core.task_vectors import TaskVectors
 
 
 class _InjectGradients(torch.autograd.Function):
@@ -305,61 +304,22 @@ class DataFreeProblem:
     seed: int = 0
 
 
-def fit(
-    run_dir: str | Path,
-    model: nn.Module,
-    tv: TaskVectors,
-    heads: Mapping[str, nn.Module],
-    streams: Sequence[TaskStream],
-    method: str = "adamerging",
-    options: dict | None = None,
-    *,
-    seed: int = 0,
-    resume: bool = False,
-    progress: bool = True,
-    trainer_options: dict | None = None,
-    checkpoint_every: int = 50,
-    eval_batch_size: int = 256,
-    cache_dir: str | Path | None = None,
-    labeled: Sequence[TaskStream] | None = None,
-    pool: Mapping[str, str] | None = None,
-    tasks: Sequence[str] | None = None,
-) -> dict:
-    """Run a method's solver stages in order (data-free ones through ``Solver.solve``, data ones
-    through Lightning) and write the run folder. Each finished stage saves the method state it
-    produced, so ``resume`` continues at the first unfinished stage. ``tasks`` names the streams'
-    tasks when the task vectors are not one per task (FW-Soft's candidates). Returns the results dict."""
-    run = RunFolder(run_dir)
-    m = create_method(method)
-    cfg = m.config(options)
-    plan = m.solvers(cfg)
-    stages = [create_solver(name, cfg, args) for name, args, _ in plan]
-    started = run.checkpoints.exists() or run.state_path.exists()
-    if resume and not started:
-        raise InputError(f"cannot resume: nothing to resume in {run.path} (no checkpoint, no saved method state)")
-    if not resume and (started or run.results_path.exists()):
-        raise InputError(f"{run.path} already holds a run; pass --resume to continue it or choose another --run-dir")
-    names = [s.name for s in streams]
-    tasks = list(tasks or tv.task_names)
-    if sorted(names) != sorted(tasks):
-        raise InputError(f"data streams {names} do not match the experts' tasks {tasks}")
-    streams = sorted(streams, key=lambda s: tasks.index(s.name))
-    if any(s.needs_data for s in stages) and cfg.steps > 0:
-        check_batch_size(streams, cfg.batch_size)
-    from adamerge.config import check_labels
-
-    missing = [s.name for s in streams if s.name not in heads]
-    if missing:
-        raise InputError(f"no head for task '{missing[0]}' (heads given for {sorted(heads)})")
-    check_labels(heads, list(streams) + list(labeled or []))
+def run_plan(plan) -> dict:
+    """Run a checked plan's solver stages in order (data-free ones through ``Solver.solve``, data
+    ones through Lightning) and write the run folder. Each finished stage saves the method state it
+    produced, so a resumed plan continues at the first unfinished stage. Returns the results dict.
+    The plan (:class:`adamerge.plan.RunPlan`) has run every check; nothing is checked again here."""
+    run, m, cfg, stages, plan_stages = plan.run, plan.method, plan.options, plan.solvers, plan.stages
+    method, seed, resume, progress = plan.cfg["method"], plan.seed, plan.resume, plan.progress
+    parts = plan.parts
+    model, tv, heads, streams, labeled = parts["model"], parts["tv"], parts["heads"], parts["streams"], parts.get("labeled")
+    tasks, cache_dir, eval_batch_size = plan.tasks, plan.cache_dir, plan.cfg["eval_batch_size"]
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     run.path.mkdir(parents=True, exist_ok=True)
     L.seed_everything(seed, verbose=False)
     _quiet_lightning()
     if m.own_loop:  # T3, FW-Merging: the method runs its own loop (nested fits through Lightning)
-        return _fit_own_loop(m, cfg, run, model, tv, heads, streams, labeled, method, seed=seed, resume=resume,
-                             progress=progress, say=say, eval_batch_size=eval_batch_size,
-                             cache_dir=cache_dir or run.path / "cache", pool=pool, trainer_options=trainer_options)
+        return _fit_own_loop(plan, say)
 
     start = time.perf_counter()
     rank_zero = _is_global_zero()
@@ -369,7 +329,7 @@ def fit(
     state = run.load_state() or {}
     done = run.stages_done()
     merged, module, modules, steps_done, data = None, None, [], 0, None
-    for i, (solver, (_, _, steps)) in enumerate(zip(stages, plan)):
+    for i, (solver, (_, _, steps)) in enumerate(zip(stages, plan_stages)):
         last = i == len(stages) - 1
         if i < done:  # finished before an interruption
             steps_done += steps if solver.needs_data else 0
@@ -383,7 +343,7 @@ def fit(
         merged = m.build(model, tv, cfg, seed=seed, state=state or None, stage=i)
         if steps > 0:
             if data is None:
-                data = m.training_data(cfg, model, tv, heads, streams, labeled, cache_dir or run.path / "cache", say, seed, state)
+                data = m.training_data(cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state)
                 if data.state:
                     state = {**state, **data.state}
                     if rank_zero:
@@ -392,7 +352,7 @@ def fit(
                                  augment=data.augment, seed=seed, tasks=tasks)
             ckpt_dir = run.stage_checkpoints(i)
             resuming = resume and (ckpt_dir / "last.ckpt").exists()
-            trainer = _trainer(run, ckpt_dir, steps, progress, trainer_options, checkpoint_every)
+            trainer = _trainer(run, ckpt_dir, steps, progress, plan.cfg["trainer"], plan.cfg["checkpoint_every"])
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", ".*LeafSpec.*")
                 warnings.filterwarnings("ignore", ".*does not have many workers.*")
@@ -456,26 +416,25 @@ def fit(
     return results
 
 
-def _fit_own_loop(m, cfg: MethodConfig, run: RunFolder, model, tv, heads, streams, labeled, method: str, *,
-                  seed: int, resume: bool, progress: bool, say, eval_batch_size: int, cache_dir, pool,
-                  trainer_options) -> dict:
+def _fit_own_loop(plan, say) -> dict:
     """A method with its own loop (``Method.run``); nested fits (e.g. FW-Soft's AdaMerging over the
-    chosen checkpoints) are ordinary Lightning fits into sub-folders of the run."""
+    chosen checkpoints) are ordinary Lightning fits into sub-folders of the run, each its own plan."""
     from adamerge.methods.base import FitContext
+
+    m, cfg, run, method, parts = plan.method, plan.options, plan.run, plan.cfg["method"], plan.parts
 
     def train(run_dir, sub_tv, sub_method: str, options: dict) -> dict:
         sub = RunFolder(run_dir)
         if sub.is_finished():  # a resumed parent reuses a finished nested fit
             return sub.read_results()
         started = sub.checkpoints.exists() or sub.state_path.exists()
-        return fit(run_dir, model, sub_tv, heads, streams, sub_method, options, seed=seed, resume=started,
-                   progress=progress, trainer_options=trainer_options, checkpoint_every=max(1, options.get("steps", 1)),
-                   eval_batch_size=eval_batch_size, cache_dir=cache_dir, labeled=labeled,
-                   tasks=[s.name for s in streams])
+        return plan.nested(run_dir, sub_tv, sub_method, options, resume=started).fit()
 
     start = time.perf_counter()
-    ctx = FitContext(run, model, tv, dict(heads), list(streams), labeled, cfg, seed, resume, progress, say,
-                     eval_batch_size, cache_dir, dict(pool) if pool else None, evaluate, train)
+    pool = plan.cfg.get("pool")
+    ctx = FitContext(run, parts["model"], parts["tv"], dict(parts["heads"]), list(parts["streams"]), parts.get("labeled"),
+                     cfg, plan.seed, plan.resume, plan.progress, say, plan.cfg["eval_batch_size"], plan.cache_dir,
+                     dict(pool) if pool else None, evaluate, train)
     results = m.run(ctx)
     results = {"method": method, "options": dataclasses.asdict(cfg), "solvers": [], "uses_labels": m.uses_labels_with(cfg),
                "seconds": time.perf_counter() - start, **results}

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from adamerge.data import TaskStream, images_layout
+from adamerge.train.data import TaskStream, images_layout
 from adamerge.io.files import atomic_save_safetensors, sha256_file
-from adamerge.task_vectors import TaskVectors
+from adamerge.core.task_vectors import TaskVectors
 
 
 def _tensor_digest(h, t: Tensor) -> None:
@@ -64,7 +64,7 @@ def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str | None, h
                           batch_size: int = 256) -> Tensor:
     """Expert ``task``'s (``None``: the pretrained model's) logits ``[N, C]`` on every sample of
     the stream (float32)."""
-    from adamerge.merged import MergedModel
+    from adamerge.core.merged import MergedModel
 
     onehot = torch.zeros(tv.num_tasks)
     if task is not None:

@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from adamerge.data import LinearHead, stream_from_tensors
+from adamerge.train.data import LinearHead, stream_from_tensors
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
 from adamerge.methods import build_data_free, create_method
-from adamerge.runs import RunFolder
-from adamerge.task_vectors import TaskVectors
-from adamerge.training import evaluate, fit
+from adamerge.train.runs import RunFolder
+from adamerge.core.task_vectors import TaskVectors
+from adamerge.plan import fit
+from adamerge.train.evaluation import evaluate
 
 DEFAULT_TASKS = ["mnist", "digits", "textile", "fashion_mnist", "opencv_digits"]
 LAMBDAS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -327,7 +328,7 @@ def _export_recommended(out: Path, run_dir: Path, zoo, tasks, seed, results) -> 
     """Write ``OUT/config.yaml`` (the recommended row's config over the zoo, see
     :func:`row_config`) and export the recommended run through the same path as ``adamerge export``."""
     from adamerge.config import dump_config
-    from adamerge.export import export_run
+    from adamerge.workflows.export import export_run
 
     method, options = LEARNED[RECOMMENDED]
     cfg = row_config(out, zoo, tasks, seed, method, {**options, "steps": results["settings"]["steps"]}, run_dir)
@@ -397,9 +398,15 @@ def plot_coefficients(run_dir: Path, path: Path, title: str = "") -> None:
 
 
 def _save_fig(fig, path: Path) -> None:
+    """Save ``fig`` to ``path`` atomically: a temporary file unique to this call (``mkstemp`` in the
+    same folder, so processes writing the same plot at once never share one), then a rename."""
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    from adamerge.io.files import atomic_path
+
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)

@@ -14,20 +14,28 @@ A cell is finished when its ``results.json`` says so (written last by ``fit``), 
 finished cells and resumes (from its checkpoints) or restarts an interrupted one, even after a
 ``kill -9``. The tables are written once, at the end, atomically: a kill never leaves a table that
 looks complete but is not, and ``ablation.md`` states how many of the cells it covers.
+
+Everything the command line gives (axes, seeds, ``--out``, overrides) and every cell's config is
+checked before anything is written; one ablation at a time runs on a folder (a lock on ``--out``).
+Cells of methods with their own loop (T3, FW-Merging) have no ``coefficients.safetensors``: their
+row counts the coefficients they saved otherwise (FW-Merging's pool coefficients) or says n/a.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import itertools
 import json
 import math
+import os
+import re
 import shutil
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,7 @@ import yaml
 from adamerge.errors import AdamergeError, InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
 from adamerge.memory import process_memory_mb
-from adamerge.runs import RunFolder
+from adamerge.train.runs import RunFolder
 
 # bare names that are top-level config keys (everything else bare is an ``options.`` key)
 _TOP_LEVEL = ("method", "storage_dtype", "prefix", "eval_batch_size", "checkpoint_every")
@@ -79,17 +87,101 @@ def parse_grid(items: Sequence[str]) -> dict[str, list]:
         if len({json.dumps(v, sort_keys=True) for v in parsed}) != len(parsed):
             raise InputError(f"grid axis '{name}' repeats a value")
         grid[key] = parsed
+    check_distinct_keys(list(grid), "grid axes")
     return grid
 
 
-def parse_seeds(text: str) -> list[int]:
-    """``"0,1,2"`` → ``[0, 1, 2]``."""
+def check_distinct_keys(keys: Sequence[str], what: str) -> None:
+    """No key is another key or inside another (``objective_args`` and ``objective_args.floor``
+    would set the same option twice)."""
+    for a, b in itertools.permutations(keys, 2):
+        if a == b or b.startswith(a + "."):
+            raise InputError(f"{what} '{axis_label(a)}' and '{axis_label(b)}' set the same option ({a}); give it once")
+
+
+def check_not_overridden(keys: Sequence[str], overrides: Sequence[tuple[str, Any]], what: str) -> None:
+    """An option that varies (a grid axis, a tuned parameter) is not also fixed by an override
+    (``--options.lr 0.1`` next to ``--grid lr=...``): one of the two would be silently ignored."""
+    for key in keys:
+        for name, _ in overrides:
+            if name == key or name.startswith(key + ".") or key.startswith(name + "."):
+                raise InputError(f"{what} '{axis_label(key)}' is also given as the override --{name}; give it once")
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """``out`` is a folder or can be made one (neither it nor a parent is a file)."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out} is a file, not a folder")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{flag} {out}: {parent} is a file, not a folder")
+            break
+
+
+def created_folders(folder: Path) -> list[Path]:
+    """The folders that ``folder.mkdir(parents=True)`` would make (outermost first)."""
+    made = []
+    for p in [folder, *folder.parents]:
+        if p.exists():
+            break
+        made.append(p)
+    return made[::-1]
+
+
+def remove_empty_folders(made: list[Path]) -> None:
+    """Remove the folders of ``created_folders`` again, innermost first, as far as they are empty."""
+    for p in reversed(made):
+        try:
+            p.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, busy: str | None) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (``flock`` on the folder itself: no lock file is left) while
+    the block runs. ``busy``: the error when another process holds it (do not wait); ``None``:
+    wait for it. Where the OS or file system has no such locks, the block runs unlocked."""
     try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise InputError(f"--seeds must be comma-separated integers, got '{text}'") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise InputError(f"--seeds must name distinct integers, got '{text}'")
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise InputError(busy) from None
+        except OSError:
+            pass  # no flock on this file system (some network ones): unlocked
+        yield
+    finally:
+        os.close(fd)
+
+
+MAX_SEED = 2**32 - 1  # numpy's (and Lightning's seed_everything's) range
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` → ``[0, 1, 2]``: distinct whole numbers in [0, 2**32 - 1]."""
+    seeds = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not re.fullmatch(r"\+?[0-9]+", item):
+            what = "an empty item" if not item else f"'{item}'"
+            raise InputError(f"--seeds must be whole numbers >= 0 separated by commas (e.g. 0,1,2); '{text}' has {what}")
+        seed = int(item)
+        if seed > MAX_SEED:
+            raise InputError(f"--seeds: {seed} is out of range (at most {MAX_SEED})")
+        seeds.append(seed)
+    if len(set(seeds)) != len(seeds):
+        raise InputError(f"--seeds must name distinct seeds, got '{text}'")
     return seeds
 
 
@@ -114,6 +206,7 @@ class Cell:
     seed: int
     cfg: dict
     folder: Path
+    plan: Any = None  # its adamerge.plan.RunPlan (config checks done)
 
     @property
     def name(self) -> str:
@@ -133,9 +226,8 @@ class AblationResult:
 
 def plan_cells(config: str | Path, grid: dict[str, list], seeds: Sequence[int], out: Path,
                overrides: Sequence[tuple[str, Any]] = ()) -> list[Cell]:
-    """Every (grid point, seed) with its resolved config (all checked before anything runs)."""
-    from adamerge.cli import _check_method
-    from adamerge.config import load_config
+    """Every (grid point, seed) with its run plan (all checked before anything runs)."""
+    from adamerge.plan import RunPlan
 
     keys = list(grid)
     cells, folders, models = [], {}, {}
@@ -147,29 +239,25 @@ def plan_cells(config: str | Path, grid: dict[str, list], seeds: Sequence[int], 
             if folder in folders:
                 raise InputError(f"grid cells '{folders[folder]}' and '{base}' map to the same folder {folder.name}")
             folders[folder] = base
-            cfg = load_config(config, [*overrides, *values.items(), ("seed", seed), ("run_dir", str(folder.resolve()))])
             try:
-                _check_method(cfg)
-                _check_granularity(cfg, models)
+                plan = RunPlan.from_config(config, [*overrides, *values.items(), ("seed", seed),
+                                                    ("run_dir", str(folder.resolve()))], resume=None)
+                plan.check_granularity(_shapes(plan.cfg, models))
             except AdamergeError as err:
                 raise InputError(f"grid cell {base}: {err}") from None
-            cells.append(Cell(values, seed, cfg, folder))
+            cells.append(Cell(values, seed, plan.cfg, folder, plan))
     return cells
 
 
-def _check_granularity(cfg: dict, models: dict) -> None:
-    """The cell's granularity makes groups over the model (``models``: shapes per model spec)."""
-    spec = (cfg.get("options") or {}).get("granularity")
-    if spec is None:
-        return
+def _shapes(cfg: dict, models: dict) -> dict:
+    """The parameter shapes of the cell's architecture (``models``: shapes per model spec)."""
     from adamerge.config import build_model
-    from adamerge.granularity import make_grouping
 
     key = json.dumps(cfg["model"], sort_keys=True)
     if key not in models:
         model, _ = build_model(cfg["model"])
         models[key] = {n: p.shape for n, p in model.named_parameters()}
-    make_grouping(spec, models[key], seed=cfg["seed"])
+    return models[key]
 
 
 class PeakMemory:
@@ -220,28 +308,34 @@ class _Parts:
     def __init__(self) -> None:
         self._cache: dict[str, dict] = {}
 
+    def _key(self, cfg: dict) -> str:
+        return json.dumps({k: cfg.get(k) for k in self._KEYS}, sort_keys=True, default=str)
+
     def get(self, cfg: dict) -> dict:
         from adamerge.config import build_all
 
-        key = json.dumps({k: cfg.get(k) for k in self._KEYS}, sort_keys=True, default=str)
+        key = self._key(cfg)
         if key not in self._cache:
             self._cache.clear()  # one set of tensors in memory at a time
             self._cache[key] = build_all(cfg)
         return self._cache[key]
 
+    def put(self, cfg: dict, parts: dict) -> None:
+        """Parts already built for ``cfg`` (what ``build_all(cfg)`` would return)."""
+        self._cache.clear()
+        self._cache[self._key(cfg)] = parts
 
-def fit_cell(cfg: dict, parts: dict, *, resume: bool, progress: bool) -> dict:
-    """``fit`` of one resolved config, exactly as ``adamerge fit`` calls it."""
-    from adamerge.cli import _check_inputs
-    from adamerge.training import fit
 
-    _check_inputs(cfg, parts)
-    return fit(
-        cfg["run_dir"], parts["model"], parts["tv"], parts["heads"], parts["streams"], cfg["method"], cfg["options"],
-        seed=cfg["seed"], resume=resume, progress=progress, trainer_options=cfg["trainer"],
-        checkpoint_every=cfg["checkpoint_every"], eval_batch_size=cfg["eval_batch_size"], cache_dir=cfg.get("cache_dir"),
-        labeled=parts.get("labeled"), pool=cfg.get("pool"),
-    )
+def fit_cell(cfg: dict, parts: dict, *, resume: bool, progress: bool, plan=None) -> dict:
+    """Fit one cell's config on the shared ``parts`` through its run plan (``plan``, or a new one
+    for ``cfg``), exactly as ``adamerge fit`` does."""
+    from adamerge.plan import RunPlan
+
+    if plan is None:
+        plan = RunPlan(cfg, resume=None)
+        plan.check_config()
+    plan.resume, plan.progress = resume, progress
+    return plan.build(parts).fit()
 
 
 def _same_config(run: RunFolder, cfg: dict) -> bool:
@@ -266,9 +360,8 @@ def _run_cell(cell: Cell, parts: _Parts, progress: bool, say: Callable[[str], No
     memory = PeakMemory(_uses_cuda(cell.cfg))
     start = time.perf_counter()
     with memory:
-        run.write_config(cell.cfg)
         try:
-            fit_cell(cell.cfg, p, resume=resume, progress=progress)
+            fit_cell(cell.cfg, p, resume=resume, progress=progress, plan=cell.plan)
         except (AdamergeError, KeyboardInterrupt):
             raise
         except Exception as err:
@@ -277,24 +370,47 @@ def _run_cell(cell: Cell, parts: _Parts, progress: bool, say: Callable[[str], No
             # a checkpoint cut mid-write by a kill: restart the cell from scratch
             say(f"[ablate] {cell.folder.name}: cannot resume ({type(err).__name__}: {err}); starting it afresh")
             shutil.rmtree(cell.folder)
-            run.write_config(cell.cfg)
             fit_cell(cell.cfg, p, resume=False, progress=progress)
     atomic_write_json(cell.folder / "ablation_cell.json", {
         "wall_seconds": round(time.perf_counter() - start, 3), "peak_memory_mb": round(memory.peak_mb, 1),
         "memory": memory.kind})
 
 
-def cell_row(cell: Cell) -> dict:
-    """The table row of a finished cell, read from its run folder."""
+def coefficient_count(folder: Path) -> int | None:
+    """How many coefficients a finished run learned: tasks × groups of ``coefficients.safetensors``;
+    for a method with its own loop, the coefficients it saved as its state (FW-Merging's pool
+    coefficients); ``None`` when it has none (T3 chooses coefficients per input)."""
     from safetensors import safe_open
 
+    for name, key in (("coefficients.safetensors", "coefficients"), ("method_state.safetensors", "pool_coefficients")):
+        path = Path(folder) / name
+        if not path.is_file():
+            continue
+        try:
+            with safe_open(str(path), "pt") as f:
+                if key in f.keys():
+                    return math.prod(int(n) for n in f.get_slice(key).get_shape())
+        except Exception:  # unreadable: no count rather than no table
+            return None
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def cell_row(cell: Cell) -> dict:
+    """The table row of a finished cell, read from its run folder (``coefficients`` is ``None``
+    for a run without a fixed set of coefficients)."""
     run = RunFolder(cell.folder)
     res = run.read_results()
     after = res.get("after") or {}
-    with safe_open(str(cell.folder / "coefficients.safetensors"), "pt") as f:
-        n_coef = int(f.get_slice("coefficients").get_shape()[0]) * int(f.get_slice("coefficients").get_shape()[1])
-    extra_path = cell.folder / "ablation_cell.json"
-    extra = json.loads(extra_path.read_text()) if extra_path.is_file() else {}
+    n_coef = coefficient_count(cell.folder)
+    extra = _read_json(cell.folder / "ablation_cell.json")
     row: dict[str, Any] = {axis_label(k): _text(v) for k, v in cell.values.items()}
     row |= {"seed": cell.seed, "mean_accuracy": after.get("mean")}
     row |= {f"acc/{t}": v for t, v in (after.get("per_task") or {}).items()}
@@ -307,12 +423,29 @@ def cell_row(cell: Cell) -> dict:
 def run_ablation(config: str | Path, grid: dict[str, list], seeds: Sequence[int], out: str | Path, *,
                  overrides: Sequence[tuple[str, Any]] = (), progress: bool = True) -> AblationResult:
     """Run (or continue) the ablation into ``out`` and write its tables and plots."""
-    from adamerge.progress import Progress
-
     out = Path(out)
     if not grid:
         raise InputError("ablate needs at least one --grid axis (e.g. --grid granularity=task,layer)")
+    if not seeds:
+        raise InputError("ablate needs at least one seed (--seeds 0)")
+    check_out_folder(out)
+    check_distinct_keys(list(grid), "grid axes")
+    check_not_overridden(list(grid), overrides, "grid axis")
     cells = plan_cells(config, grid, seeds, out, overrides)
+    made = created_folders(out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with folder_lock(out, f"another `adamerge ablate` is running on {out}; wait for it to end"):
+            return _run_cells(config, grid, seeds, out, cells, overrides, progress)
+    except InputError:
+        remove_empty_folders(made)  # refused before anything was written: leave nothing
+        raise
+
+
+def _run_cells(config: str | Path, grid: dict[str, list], seeds: Sequence[int], out: Path, cells: list[Cell],
+               overrides: Sequence[tuple[str, Any]], progress: bool) -> AblationResult:
+    from adamerge.progress import Progress
+
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     atomic_write_text(out / "ablation.yaml", yaml.safe_dump(
         {"config": str(Path(config).resolve()), "grid": {axis_label(k): v for k, v in grid.items()},
@@ -337,10 +470,13 @@ def run_ablation(config: str | Path, grid: dict[str, list], seeds: Sequence[int]
                 result.rows.append(cell_row(cell))
             bar.update(1)
     write_tables(out, result, list(grid), seeds)
-    finished = [c for c in cells if RunFolder(c.folder).is_finished()]
-    if finished:
-        plot_accuracy_vs_coefficients(result.rows, [axis_label(k) for k in grid], out / "accuracy_vs_coefficients.png")
-        first = [c for c in finished if c.seed == seeds[0]] or finished
+    plotted = [r for r in result.rows if r["coefficients"] is not None and r["mean_accuracy"] is not None]
+    if plotted:  # cells with a coefficient count and an accuracy (labels in the streams)
+        plot_accuracy_vs_coefficients(plotted, [axis_label(k) for k in grid], out / "accuracy_vs_coefficients.png")
+    with_coef = [c for c in cells if RunFolder(c.folder).is_finished() and (c.folder / "coefficients.safetensors").is_file()
+                 and (c.folder / "groups.json").is_file()]
+    if with_coef:  # own-loop methods (T3, FW-Merging) have no coefficient heat map
+        first = [c for c in with_coef if c.seed == seeds[0]] or with_coef
         plot_coefficient_grid([(c.name, c.folder) for c in first], out / "coefficients.png")
     return result
 
@@ -365,7 +501,7 @@ def _mean_std(values: list[float]) -> str:
 
 def summary_table(rows: list[dict], axes: list[str]) -> str:
     """Markdown: one line per cell, mean ± std (over seeds) of the mean and per-task accuracy."""
-    tasks = [k[len("acc/"):] for k in (rows[0] if rows else {}) if k.startswith("acc/")]
+    tasks = list(dict.fromkeys(k[len("acc/"):] for r in rows for k in r if k.startswith("acc/")))
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(tuple(r[a] for a in axes), []).append(r)
@@ -373,9 +509,12 @@ def summary_table(rows: list[dict], axes: list[str]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " if i < len(axes) else " ---: " for i in range(len(head))) + "|"]
     for key, rs in groups.items():
         mem = [r["peak_memory_mb"] for r in rs if r.get("peak_memory_mb") is not None]
-        cells = [*key, str(len(rs)), str(rs[0]["coefficients"]), _mean_std([r["mean_accuracy"] for r in rs if r["mean_accuracy"] is not None])]
+        wall = [r["wall_seconds"] for r in rs if r.get("wall_seconds") is not None]
+        coef = rs[0]["coefficients"]
+        cells = [*key, str(len(rs)), "n/a" if coef is None else str(coef),
+                 _mean_std([r["mean_accuracy"] for r in rs if r["mean_accuracy"] is not None])]
         cells += [_mean_std([r[f"acc/{t}"] for r in rs if r.get(f"acc/{t}") is not None]) for t in tasks]
-        cells += [f"{statistics.fmean(r['wall_seconds'] for r in rs):.1f}", f"{max(mem):.0f}" if mem else "–"]
+        cells += [f"{statistics.fmean(wall):.1f}" if wall else "–", f"{max(mem):.0f}" if mem else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -395,16 +534,18 @@ def write_tables(out: Path, result: AblationResult, grid_keys: list[str], seeds:
 
 def plot_accuracy_vs_coefficients(rows: list[dict], axes: list[str], path: Path) -> None:
     """Mean accuracy (± std over seeds) against the number of coefficients, one point per cell;
-    one line per combination of the axes other than granularity, points labelled by granularity."""
+    one line per combination of the axes other than granularity, points labelled by granularity.
+    Rows without a coefficient count or an accuracy are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from adamerge.demo import _save_fig
+    from adamerge.workflows.demo import _save_fig
 
     others = [a for a in axes if a != "granularity"]
     series: dict[tuple, dict[tuple, list[dict]]] = {}
+    rows = [r for r in rows if r.get("coefficients") is not None and r.get("mean_accuracy") is not None]
     for r in rows:
         series.setdefault(tuple(r[a] for a in others), {}).setdefault(tuple(r[a] for a in axes), []).append(r)
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -455,7 +596,7 @@ def plot_coefficient_grid(runs: list[tuple[str, Path]], path: Path) -> None:
     import matplotlib.pyplot as plt
     from safetensors.torch import load_file
 
-    from adamerge.demo import _save_fig
+    from adamerge.workflows.demo import _save_fig
 
     vmax = max(1.0, *(float(load_file(str(d / "coefficients.safetensors"))["coefficients"].max()) for _, d in runs))
     cols = min(len(runs), 4)
@@ -471,6 +612,6 @@ def plot_coefficient_grid(runs: list[tuple[str, Path]], path: Path) -> None:
     _save_fig(fig, path)
 
 
-__all__ = ["option_key", "parse_grid", "parse_seeds", "plan_cells", "run_ablation", "cell_row", "summary_table",
+__all__ = ["option_key", "parse_grid", "parse_seeds", "coefficient_count", "folder_lock", "check_out_folder", "plan_cells", "run_ablation", "cell_row", "summary_table",
            "write_tables", "plot_accuracy_vs_coefficients", "plot_coefficient_grid", "draw_coefficients",
            "fit_cell", "Cell", "AblationResult", "PeakMemory"]

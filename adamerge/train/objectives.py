@@ -15,7 +15,7 @@ Unlabeled (test-time) objectives:
 
 Expert-guided (no labels): ``expert_distill``: per task, KL(expert ‖ merged) between expert t's
 predictive distribution on the same unlabeled samples (precomputed once, see
-:mod:`adamerge.expert_targets`) and the merged model's, at a temperature, with soft or hard
+:mod:`adamerge.train.expert_targets`) and the merged model's, at a temperature, with soft or hard
 (argmax) targets and an optional confidence filter. It assumes each expert is good on its own
 task: the merged model is pulled towards the experts, errors included.
 

@@ -4,7 +4,7 @@ Stacking lets the merge of one tensor be a single weighted sum over the leading 
 Python loop over tasks, and bfloat16 storage halves the memory of the stack (the merge itself is
 computed in float32 or higher). Every floating-point entry of the state dict gets a stacked task
 vector, parameters and floating buffers (BatchNorm statistics) alike; which of them are merged and
-which follow a buffer policy is decided by :class:`adamerge.merged.MergedModel`, which knows the
+which follow a buffer policy is decided by :class:`adamerge.core.merged.MergedModel`, which knows the
 module. Integer buffers (``num_batches_tracked``) are kept from the base.
 """
 from __future__ import annotations
@@ -139,9 +139,11 @@ class TaskVectors:
 
     @classmethod
     def _build(cls, base, experts, count, *, dtype, keys, base_source) -> "TaskVectors":
+        if dtype == "auto":  # the base's precision: float64 stays float64, anything else float32
+            dtype = torch.float64 if any(v.dtype == torch.float64 for v in base.values()) else torch.float32
         dtype = STORAGE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
         if dtype not in STORAGE_DTYPES.values():
-            raise InputError(f"storage dtype must be one of {sorted(STORAGE_DTYPES)}, got {dtype}")
+            raise InputError(f"storage dtype must be 'auto' or one of {sorted(STORAGE_DTYPES)}, got {dtype}")
         if count < 2:
             raise InputError(f"need at least 2 experts to merge, got {count}")
         if keys is not None:

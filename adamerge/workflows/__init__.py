@@ -1,0 +1,1 @@
+"""What the commands do, built on the run plan: export, predict, ablate, tune, demo."""
