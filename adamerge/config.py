@@ -257,7 +257,7 @@ def check_tasks(cfg: dict) -> list[str]:
     return tasks
 
 
-def build_all(cfg: dict) -> dict:
+def build_all(cfg: dict, *, cache_heads: bool = True) -> dict:
     """Everything a run needs: model, task vectors, heads and streams (built, not checked against
     each other: :class:`adamerge.plan.RunPlan` runs those checks, once)."""
     from adamerge.core.task_vectors import TaskVectors
@@ -265,7 +265,7 @@ def build_all(cfg: dict) -> dict:
     tasks = list(cfg["experts"])
     model, transform = build_model(cfg["model"])
     tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
-    heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache")
+    heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache" if cache_heads else None)
     streams = build_streams(cfg, transform)
     labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None
     return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": tasks, "labeled": labeled}

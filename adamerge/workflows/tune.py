@@ -573,42 +573,6 @@ def trial_config(base: dict, spec: TuneSpec, params: dict[str, Any], run_dir: Pa
 
 # ---------------------------------------------------------------------------------- checks before the study
 _MAX_COMBINATIONS = 64
-# the Lightning Trainer arguments adamerge sets itself (adamerge.train.loop._trainer)
-_TRAINER_FIXED = {"max_steps", "max_epochs", "logger", "callbacks", "enable_progress_bar", "enable_model_summary",
-                  "log_every_n_steps", "num_sanity_val_steps", "use_distributed_sampler", "deterministic",
-                  "default_root_dir"}
-
-
-def _check_objective_args(options) -> None:
-    """``options.objective_args`` are arguments of the objective (a misspelled one would reach the
-    loss at the first step)."""
-    import inspect
-
-    from adamerge.train.objectives import get_objective
-
-    params = inspect.signature(get_objective(options.objective)).parameters
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return
-    known = [n for n in params if n not in ("logits", "labels", "targets")]
-    for name in options.objective_args or {}:
-        if name not in known:
-            raise InputError(f"options.objective_args.{name}: objective '{options.objective}' has no argument '{name}'"
-                             f" (it takes {known or 'none'})")
-
-
-def _check_trainer(trainer: Any) -> None:
-    import inspect
-
-    from adamerge.train.loop import L
-
-    if not isinstance(trainer, dict):
-        raise InputError(f"trainer must be a mapping of Lightning Trainer arguments, got {trainer!r}")
-    known = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"} - _TRAINER_FIXED
-    for name in trainer:
-        if name not in known:
-            raise InputError(f"trainer.{name}: not a Lightning Trainer argument adamerge passes on")
-
-
 def trial_refusal(cfg: dict, parts: dict | None) -> str | None:
     """Why a trial of ``cfg`` could not run (``None``: it can): the checks of ``adamerge fit`` on
     the config and, with ``parts`` (built for the same inputs), on the inputs."""
@@ -618,8 +582,6 @@ def trial_refusal(cfg: dict, parts: dict | None) -> str | None:
         plan = RunPlan.from_config(cfg, resume=None, progress=False)
         if plan.method.own_loop:
             raise InputError(f"tune needs a method that learns coefficients; '{cfg['method']}' runs its own loop")
-        _check_objective_args(plan.options)
-        _check_trainer(plan.cfg.get("trainer"))
         if parts is not None:
             plan.build(parts)
     except AdamergeError as err:
@@ -672,16 +634,10 @@ def check_space(base: dict, spec: TuneSpec, trial_cfg: Callable[[dict], dict], p
 
 def _build_inputs(cfg: dict) -> dict:
     """The inputs of the config (as ``build_all``, heads without a cache: nothing is written)."""
-    from adamerge.config import build_heads, build_model, build_streams, check_tasks
-    from adamerge.core.task_vectors import TaskVectors
+    from adamerge.config import build_all, check_tasks
 
     check_tasks(cfg)  # task names become file names (the split): checked before any file is read
-    model, transform = build_model(cfg["model"])
-    tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
-    heads = build_heads(cfg, None)
-    streams = build_streams(cfg, transform)
-    labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None
-    return {"model": model, "tv": tv, "heads": heads, "streams": streams, "tasks": list(cfg["experts"]), "labeled": labeled}
+    return build_all(cfg, cache_heads=False)
 
 
 def _check_out(out: Path, study_name: str) -> None:
