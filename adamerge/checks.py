@@ -63,34 +63,37 @@ def check_bool(name: str, value: Any, owner: str = "option") -> bool:
     raise InputError(f"{_where(owner, name)} must be true or false, got {value!r}")
 
 
+def is_number(value: Any, finite: bool = False) -> bool:
+    """An int or a float, not a bool (a string is never a number here); with ``finite``, also
+    not NaN or infinite."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return not finite or math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def _refuse(owner: str, name: str, what: str, value: Any, low, high, low_open: bool = False,
+            high_open: bool = False) -> InputError:
+    return InputError(f"{_where(owner, name)} must be {what}{_range_text(low, high, low_open, high_open)}, "
+                      f"got {value!r}{_hint(value)}")
+
+
 def check_float(name: str, value: Any, *, low: float | None = None, high: float | None = None,
                 low_open: bool = False, high_open: bool = False, owner: str = "option") -> float:
     """A finite number (an int is taken as a float; a bool or a string is refused) in range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        try:
-            ok = math.isfinite(value)
-        except OverflowError:  # an int too large for a float
-            ok = False
-    if ok:
-        ok = _in_range(value, low, high, low_open, high_open)
-    if not ok:
-        raise InputError(f"{_where(owner, name)} must be a finite number{_range_text(low, high, low_open, high_open)}, "
-                         f"got {value!r}{_hint(value)}")
+    if not (is_number(value, finite=True) and _in_range(value, low, high, low_open, high_open)):
+        raise _refuse(owner, name, "a finite number", value, low, high, low_open, high_open)
     return float(value)
 
 
 def check_int(name: str, value: Any, *, low: int | None = None, high: int | None = None, owner: str = "option") -> int:
     """An integer (a float with an integer value is taken; ``2.5``, a bool or a string is refused)
     in ``[low, high]``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and isinstance(value, float):
-        ok = math.isfinite(value) and value.is_integer()
-    if ok:
-        ok = _in_range(value, low, high, False, False)
-    if not ok:
-        raise InputError(f"{_where(owner, name)} must be an integer{_range_text(low, high, False, False)}, "
-                         f"got {value!r}{_hint(value)}")
+    ok = is_number(value) and (not isinstance(value, float) or (math.isfinite(value) and value.is_integer()))
+    if not ok or not _in_range(value, low, high, False, False):
+        raise _refuse(owner, name, "an integer", value, low, high)
     return int(value)
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from adamerge.config import DEFAULTS, build_all, check_labels, check_tasks, load_config, resolve_config
 from adamerge.errors import InputError
+from adamerge.io.files import check_folder_path
 from adamerge.methods import MethodConfig, create_method
 from adamerge.solvers import create_solver
 from adamerge.train.runs import RunFolder
@@ -283,13 +284,7 @@ def _check_settings(cfg: dict) -> None:
 
 def _check_run_folder(run: RunFolder, resume: bool) -> None:
     """``run_dir`` is a folder (or absent) and holds a run exactly when resuming."""
-    if run.path.exists() and not run.path.is_dir():
-        raise InputError(f"run_dir {run.path} is a file, not a folder")
-    for parent in run.path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"run_dir {run.path}: {parent} is a file, not a folder")
-            break
+    check_folder_path(run.path, "run_dir")
     started = run.checkpoints.exists() or run.state_path.exists()
     if resume and not started:
         raise InputError(f"cannot resume: nothing to resume in {run.path} (no checkpoint, no saved method state)")

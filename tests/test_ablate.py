@@ -257,7 +257,7 @@ def test_bad_values_are_one_line_errors_that_leave_nothing(tiny_zoo_dir, tmp_pat
 
 def test_one_ablation_at_a_time_on_a_folder(tiny_zoo_dir, tmp_path, capsys):
     """A second `adamerge ablate` on a folder that one is running on is refused, not interleaved."""
-    from adamerge.workflows.ablate import folder_lock
+    from adamerge.io.files import folder_lock
 
     config = write_config(tmp_path, tiny_zoo_dir, **{"options.steps": 2})
     out = tmp_path / "out"

@@ -17,16 +17,11 @@ import torch
 from torch import Tensor, nn
 
 from adamerge.errors import InputError
+from adamerge.io.state_dicts import require_finite
 from adamerge.memory import release_freed_memory
 
 StateDict = Mapping[str, Tensor]
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
-
-
-def _check_finite(sd: StateDict, source: str) -> None:
-    for key, value in sd.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise InputError(f"{source}: tensor '{key}' has non-finite values (NaN or inf)")
 
 
 def _check_same_layout(base: StateDict, other: StateDict, base_src: str, other_src: str) -> None:
@@ -155,7 +150,7 @@ class TaskVectors:
         base = dict(base)
         if not base:
             raise InputError(f"{base_source}: the state dict is empty")
-        _check_finite(base, base_source)
+        require_finite(base, base_source)
         float_keys = [k for k, v in base.items() if v.is_floating_point()]
         vectors = {k: torch.empty((count, *base[k].shape), dtype=dtype) for k in float_keys}
         names: list[str] = []
@@ -166,7 +161,7 @@ class TaskVectors:
             if keys is not None:
                 sd = {k: v for k, v in sd.items() if k in base}
             _check_same_layout(base, sd, base_source, source)
-            _check_finite(sd, source)
+            require_finite(sd, source)
             for k in float_keys:
                 vectors[k][t] = (sd[k].to(torch.float64) - base[k].to(torch.float64)).to(dtype)
             names.append(name)

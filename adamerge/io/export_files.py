@@ -19,12 +19,12 @@ import re
 from pathlib import Path
 
 import adamerge
+from adamerge.checks import is_number
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text, sha256_file
 
 __all__ = ["write_heads", "export_metadata", "write_merged_export", "model_card", "check_export_metadata",
-           "EXPORT_KINDS", "EXPORT_FILES", "previous_export_problem",
-           "make_parents", "remove_created", "os_message"]
+           "EXPORT_KINDS", "EXPORT_FILES", "previous_export_problem"]
 
 EXPORT_KINDS = ("merged", "t3")
 # every file name an export folder may hold (a method that writes a new one adds it here): a folder
@@ -133,10 +133,6 @@ def _input_shape(cfg: dict) -> list[int] | None:
 
 
 # ------------------------------------------------------------------------ reading adamerge.json back
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _first_non_finite(meta) -> str | None:
     """The path (``metrics.per_task.a``, ``coefficients[0][2]``) of the first NaN/inf number, if any."""
     stack = [("", meta)]
@@ -221,18 +217,18 @@ def check_export_metadata(meta, where: str) -> dict:
     for field in ("metrics", "metrics_before"):
         m = _typed(meta, field, (dict,), "a mapping of scores", where)
         if m is not None:
-            if "mean" in m and not _number(m["mean"]):
+            if "mean" in m and not is_number(m["mean"]):
                 raise InputError(f"{where}: '{field}.mean' must be a number")
             per = m.get("per_task", {})
-            if not isinstance(per, dict) or not all(_number(v) for v in per.values()):
+            if not isinstance(per, dict) or not all(is_number(v) for v in per.values()):
                 raise InputError(f"{where}: '{field}.per_task' must map task names to numbers")
     coef = meta.get("coefficients")
     if coef is not None:
         rows = coef if isinstance(coef, list) else None
-        if rows is None or not all(_number(c) or isinstance(c, list) and all(_number(v) for v in c) for c in rows):
+        if rows is None or not all(is_number(c) or isinstance(c, list) and all(is_number(v) for v in c) for c in rows):
             raise InputError(f"{where}: 'coefficients' must be a list of numbers or of lists of numbers")
     shape = meta.get("input_shape")
-    if shape is not None and (not isinstance(shape, list) or not all(_number(d) and isinstance(d, int) and d > 0 for d in shape)):
+    if shape is not None and (not isinstance(shape, list) or not all(is_number(d) and isinstance(d, int) and d > 0 for d in shape)):
         raise InputError(f"{where}: 'input_shape' must be a list of positive integers")
     inputs = meta.get("inputs") or {}
     for name, entry in [(k, inputs.get(k)) for k in ("base", "checkpoint") if k in inputs] + [
@@ -271,37 +267,3 @@ def previous_export_problem(folder: Path) -> str | None:
         if entry.name not in EXPORT_FILES and not _TMP_FILE.fullmatch(entry.name):
             return f"it holds '{entry.name}', which export does not write"
     return None
-
-
-# ------------------------------------------------------------------------ destinations (export, predict)
-def os_message(err: OSError) -> str:
-    """An OS error on one line: what happened and to which file."""
-    what = err.strerror or type(err).__name__
-    return f"{what} ({err.filename})" if err.filename else what
-
-
-def make_parents(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; returns the folders created, deepest first
-    (:func:`remove_created` takes them away again). A file in the way is a clear error."""
-    missing: list[Path] = []
-    p = folder
-    while not p.exists() and not p.is_symlink() and p != p.parent:
-        missing.append(p)
-        p = p.parent
-    if not p.is_dir():
-        raise InputError(f"cannot create the folder {folder}: {p} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        remove_created(missing)
-        raise InputError(f"cannot create the folder {folder}: {os_message(err)}") from None
-    return missing
-
-
-def remove_created(created: list[Path]) -> None:
-    """Remove the (empty) folders :func:`make_parents` created, deepest first."""
-    for d in created:
-        try:
-            d.rmdir()
-        except OSError:
-            return

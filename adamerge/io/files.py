@@ -25,6 +25,11 @@ __all__ = [
     "atomic_write_json",
     "atomic_save_safetensors",
     "sha256_file",
+    "os_message",
+    "check_folder_path",
+    "make_folders",
+    "remove_folders",
+    "folder_lock",
 ]
 
 _TMP_SUFFIX = ".tmp"
@@ -169,3 +174,83 @@ def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------ folders
+def os_message(err: OSError) -> str:
+    """An OS error on one line: what happened and to which file."""
+    what = err.strerror or type(err).__name__
+    return f"{what} ({err.filename})" if err.filename else what
+
+
+def check_folder_path(path: Path, what: str) -> None:
+    """``path`` is a folder or can be made one: neither it nor a parent is a file (``what`` names
+    it in the error, e.g. ``--out`` or ``run_dir``)."""
+    from adamerge.errors import InputError
+
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{what} {path} is a file, not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{what} {path}: {parent} is a file, not a folder")
+            break
+
+
+def make_folders(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders created, deepest first
+    (:func:`remove_folders` takes them away again after a refusal). A file in the way, or an OS
+    refusal, is a one-line error and leaves nothing created."""
+    from adamerge.errors import InputError
+
+    missing: list[Path] = []
+    p = folder
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    if not p.is_dir():
+        raise InputError(f"cannot create the folder {folder}: {p} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        remove_folders(missing)
+        raise InputError(f"cannot create the folder {folder}: {os_message(err)}") from None
+    return missing
+
+
+def remove_folders(created: list[Path]) -> None:
+    """Remove the folders :func:`make_folders` created, deepest first, as far as they are empty."""
+    for d in created:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, busy: str | None) -> Iterator[None]:
+    """An exclusive lock on ``folder`` (``flock`` on the folder itself: no lock file is left) while
+    the block runs. ``busy``: the error when another process holds it (do not wait); ``None``:
+    wait for it. Where the OS or file system has no such locks, the block runs unlocked."""
+    from adamerge.errors import InputError
+
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
+        except BlockingIOError:
+            raise InputError(busy) from None
+        except OSError:
+            pass  # no flock on this file system (some network ones): unlocked
+        yield
+    finally:
+        os.close(fd)

@@ -22,20 +22,18 @@ row counts the coefficients they saved otherwise (FW-Merging's pool coefficients
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import itertools
 import json
 import math
-import os
 import re
 import shutil
 import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +41,7 @@ from typing import Any
 import yaml
 
 from adamerge.errors import AdamergeError, InputError
-from adamerge.io.files import atomic_write_json, atomic_write_text
+from adamerge.io.files import atomic_write_json, atomic_write_text, check_folder_path, folder_lock, make_folders, remove_folders
 from adamerge.memory import process_memory_mb
 from adamerge.train.runs import RunFolder
 
@@ -106,63 +104,6 @@ def check_not_overridden(keys: Sequence[str], overrides: Sequence[tuple[str, Any
         for name, _ in overrides:
             if name == key or name.startswith(key + ".") or key.startswith(name + "."):
                 raise InputError(f"{what} '{axis_label(key)}' is also given as the override --{name}; give it once")
-
-
-def check_out_folder(out: Path, flag: str = "--out") -> None:
-    """``out`` is a folder or can be made one (neither it nor a parent is a file)."""
-    if out.exists() and not out.is_dir():
-        raise InputError(f"{flag} {out} is a file, not a folder")
-    for parent in out.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise InputError(f"{flag} {out}: {parent} is a file, not a folder")
-            break
-
-
-def created_folders(folder: Path) -> list[Path]:
-    """The folders that ``folder.mkdir(parents=True)`` would make (outermost first)."""
-    made = []
-    for p in [folder, *folder.parents]:
-        if p.exists():
-            break
-        made.append(p)
-    return made[::-1]
-
-
-def remove_empty_folders(made: list[Path]) -> None:
-    """Remove the folders of ``created_folders`` again, innermost first, as far as they are empty."""
-    for p in reversed(made):
-        try:
-            p.rmdir()
-        except OSError:
-            return
-
-
-@contextlib.contextmanager
-def folder_lock(folder: Path, busy: str | None) -> Iterator[None]:
-    """An exclusive lock on ``folder`` (``flock`` on the folder itself: no lock file is left) while
-    the block runs. ``busy``: the error when another process holds it (do not wait); ``None``:
-    wait for it. Where the OS or file system has no such locks, the block runs unlocked."""
-    try:
-        import fcntl
-    except ImportError:  # Windows
-        yield
-        return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        yield
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | (fcntl.LOCK_NB if busy else 0))
-        except BlockingIOError:
-            raise InputError(busy) from None
-        except OSError:
-            pass  # no flock on this file system (some network ones): unlocked
-        yield
-    finally:
-        os.close(fd)
 
 
 MAX_SEED = 2**32 - 1  # numpy's (and Lightning's seed_everything's) range
@@ -428,17 +369,16 @@ def run_ablation(config: str | Path, grid: dict[str, list], seeds: Sequence[int]
         raise InputError("ablate needs at least one --grid axis (e.g. --grid granularity=task,layer)")
     if not seeds:
         raise InputError("ablate needs at least one seed (--seeds 0)")
-    check_out_folder(out)
+    check_folder_path(out, "--out")
     check_distinct_keys(list(grid), "grid axes")
     check_not_overridden(list(grid), overrides, "grid axis")
     cells = plan_cells(config, grid, seeds, out, overrides)
-    made = created_folders(out)
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_folders(out)
     try:
         with folder_lock(out, f"another `adamerge ablate` is running on {out}; wait for it to end"):
             return _run_cells(config, grid, seeds, out, cells, overrides, progress)
     except InputError:
-        remove_empty_folders(made)  # refused before anything was written: leave nothing
+        remove_folders(made)  # refused before anything was written: leave nothing
         raise
 
 
@@ -612,6 +552,6 @@ def plot_coefficient_grid(runs: list[tuple[str, Path]], path: Path) -> None:
     _save_fig(fig, path)
 
 
-__all__ = ["option_key", "parse_grid", "parse_seeds", "coefficient_count", "folder_lock", "check_out_folder", "plan_cells", "run_ablation", "cell_row", "summary_table",
+__all__ = ["option_key", "parse_grid", "parse_seeds", "coefficient_count", "plan_cells", "run_ablation", "cell_row", "summary_table",
            "write_tables", "plot_accuracy_vs_coefficients", "plot_coefficient_grid", "draw_coefficients",
            "fit_cell", "Cell", "AblationResult", "PeakMemory"]

@@ -35,7 +35,8 @@ import uuid
 from pathlib import Path
 
 from adamerge.errors import InputError
-from adamerge.io.export_files import make_parents, os_message, previous_export_problem, remove_created, write_merged_export
+from adamerge.io.export_files import previous_export_problem, write_merged_export
+from adamerge.io.files import make_folders, os_message, remove_folders
 from adamerge.core.merged import MergedModel
 from adamerge.methods import create_method
 from adamerge.plan import RunPlan
@@ -144,11 +145,11 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False, task_m
             raise InputError(f"--mask-lambda must be a finite number >= 0, got {task_masks!r}")
     results = run.read_results()
     target = out.resolve()
-    created = make_parents(target.parent)
+    created = make_folders(target.parent)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     except OSError as err:
-        remove_created(created)
+        remove_folders(created)
         raise InputError(f"cannot write in {target.parent}: {os_message(err)}") from None
     try:
         if method.own_loop:
@@ -166,7 +167,7 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False, task_m
         _swap_into_place(tmp, target)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        remove_created(created)
+        remove_folders(created)
         if isinstance(err, OSError):
             raise InputError(f"could not write the export to {out}: {os_message(err)}") from None
         raise

@@ -37,7 +37,8 @@ from torch import Tensor
 
 from adamerge.train.data import LinearHead, TaskStream, images_layout, stream_from_folder, stream_from_tensors
 from adamerge.errors import InputError
-from adamerge.io.export_files import EXPORT_KINDS, check_export_metadata, make_parents, os_message, remove_created
+from adamerge.io.export_files import EXPORT_KINDS, check_export_metadata
+from adamerge.io.files import make_folders, os_message, remove_folders
 from adamerge.progress import Progress
 
 KINDS = EXPORT_KINDS
@@ -57,17 +58,17 @@ def _read_meta(folder: Path) -> dict:
         raise InputError(f"{folder} is not an adamerge export: adamerge.json is missing")
     try:
         size = path.stat().st_size
-        if size > _META_MAX_BYTES:
-            raise InputError(f"{path}: {size} bytes is too large for export metadata")
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        data = path.read_bytes() if size <= _META_MAX_BYTES else None
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {os_message(err)}") from None
+    if data is None:
+        raise InputError(f"{path}: {size} bytes is too large for export metadata")
+    try:
+        meta = json.loads(data.decode("utf-8"))
     except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        if isinstance(err, InputError):
-            raise
         raise InputError(f"{path}: not valid JSON ({_one_line(err)})") from None
     except RecursionError:
         raise InputError(f"{path}: not valid JSON (nested too deeply)") from None
-    except OSError as err:
-        raise InputError(f"cannot read {path}: {os_message(err)}") from None
     return check_export_metadata(meta, str(path))
 
 
@@ -394,14 +395,14 @@ def predict(export: str | Path, inputs: str | Path, task: str, out: str | Path, 
     writer.writerow(["index", "prediction", "confidence"] + ([] if labels is None else ["label"]))
     writer.writerows((i, p, f"{c:.6f}", *rest) for i, p, c, *rest in rows)
     target = out.resolve()
-    created = make_parents(target.parent)
+    created = make_folders(target.parent)
     try:
         atomic_write_text(target, buf.getvalue())
     except OSError as err:
-        remove_created(created)
+        remove_folders(created)
         raise InputError(f"could not write {out}: {os_message(err)}") from None
     except BaseException:
-        remove_created(created)
+        remove_folders(created)
         raise
     summary = {"rows": len(rows), "kind": predictor.kind, "inputs_per_second": len(rows) / max(seconds, 1e-9)}
     if labels is not None and rows:

@@ -59,8 +59,9 @@ from typing import Any
 
 import torch
 
-from adamerge.workflows.ablate import (_Parts, axis_label, check_distinct_keys, check_not_overridden, check_out_folder,
-                                       created_folders, fit_cell, folder_lock, option_key, remove_empty_folders)
+from adamerge.checks import is_number
+from adamerge.io.files import check_folder_path, folder_lock, make_folders, remove_folders
+from adamerge.workflows.ablate import _Parts, axis_label, check_distinct_keys, check_not_overridden, fit_cell, option_key
 from adamerge.errors import AdamergeError, InputError, NonFiniteLossError
 from adamerge.io.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 
@@ -155,7 +156,7 @@ def _param(name: str, spec: Any) -> Param:
             raise InputError(f"tune.space.{name}: choices repeat a value")
         return Param(key, "categorical", choices=list(spec["choices"]))
     low, high = spec.get("low"), spec.get("high")
-    if not all(_number(v) for v in (low, high)) or not low < high:
+    if not all(is_number(v, finite=True) for v in (low, high)) or not low < high:
         raise InputError(f"tune.space.{name}: needs finite numbers low < high, got low={low!r} high={high!r}")
     log = spec.get("log", False)
     if not isinstance(log, bool):
@@ -169,17 +170,13 @@ def _param(name: str, spec: Any) -> Param:
         raise InputError(f"tune.space.{name}: an int range needs whole-number bounds, got low={low!r} high={high!r}")
     step = spec.get("step")
     if step is not None:
-        if not _number(step) or step <= 0 or (kind == "int" and not float(step).is_integer()):
+        if not is_number(step, finite=True) or step <= 0 or (kind == "int" and not float(step).is_integer()):
             raise InputError(f"tune.space.{name}: step must be a positive {'whole ' if kind == 'int' else ''}number, got {step!r}")
         if log:
             raise InputError(f"tune.space.{name}: a log range cannot have a step")
         if step > high - low:
             raise InputError(f"tune.space.{name}: step {step} is larger than the range {low}..{high}")
     return Param(key, kind, low, high, log, step)
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def read_spec(cfg: dict) -> TuneSpec:
@@ -202,7 +199,7 @@ def read_spec(cfg: dict) -> TuneSpec:
         raise InputError(f"tune.score must be 'heldout' or 'labeled', got '{spec.score}'")
     if spec.score == "labeled" and not cfg.get("labeled"):
         raise InputError("tune.score 'labeled' needs a labeled split declared in the config (labeled:)")
-    if not _number(spec.heldout) or not 0 < spec.heldout < 1:
+    if not is_number(spec.heldout, finite=True) or not 0 < spec.heldout < 1:
         raise InputError(f"tune.heldout must be a fraction in (0, 1), got {spec.heldout!r}")
     for p in spec.space:
         if spec.score == "heldout" and p.key.split(".")[0] == "data":
@@ -641,7 +638,7 @@ def _build_inputs(cfg: dict) -> dict:
 
 
 def _check_out(out: Path, study_name: str) -> None:
-    check_out_folder(out)
+    check_folder_path(out, "--out")
     for sub in ("split", "trials"):
         if (out / sub).exists() and not (out / sub).is_dir():
             raise InputError(f"--out {out}: {out / sub} is a file, not a folder")
@@ -706,26 +703,28 @@ def run_study(config: str | Path, study_name: str, storage: str, trials: int, *,
     scorer = _Scorer(spec, copy.deepcopy(inputs["heads"]), score_streams, base["eval_batch_size"])  # its own heads
 
     # ---- the storage and the study (created, or loaded and checked)
-    if sqlite_file is not None and not sqlite_file.exists() and _old_trials(out):
-        raise InputError(f"--out {out} holds {_old_trials(out)} trial folders of a study that {shown} does not have;"
-                         " use another --out (or the storage that holds that study)")
+    def refuse_old_trials() -> None:  # trial folders of a study this storage does not hold
+        if _old_trials(out):
+            raise InputError(f"--out {out} holds {_old_trials(out)} trial folders of a study that {shown} does not"
+                             " have; use another --out (or the storage that holds that study)")
+
+    if sqlite_file is not None and not sqlite_file.exists():
+        refuse_old_trials()  # before opening the storage would create the database file
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     rdb = _storage(storage)
-    if not _study_exists(rdb, study_name) and _old_trials(out):
-        raise InputError(f"--out {out} holds {_old_trials(out)} trial folders of a study that {shown} does not have;"
-                         " use another --out (or the storage that holds that study)")
+    if not _study_exists(rdb, study_name):
+        refuse_old_trials()
     study = open_study(rdb, study_name, spec)
 
     # ---- accepted: write the folder's marker and the split (the same bytes from every worker)
-    made = created_folders(out)
+    made = make_folders(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
         if not (out / "study.json").is_file():
             atomic_write_json(out / "study.json", {"study": study_name})
         if split is not None:
             split.write()
     except BaseException:
-        remove_empty_folders(made)
+        remove_folders(made)
         raise
 
     fail_dead_trials(study, lambda msg: print(msg, file=sys.stderr, flush=True))  # shown even with --no-progress
