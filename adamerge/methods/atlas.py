@@ -5,9 +5,13 @@ Coefficients per tensor (``layer``, aTLAS's "blockwise") or per random element g
 whole), init 0 (the pretrained model), unclamped, an optional Lp penalty; AdamW, weight decay 0.1,
 gradient clipping 1.0. Two ways to learn them (``method_args.mode``):
 
-- ``test_time`` (no labels): a trusted set is chosen once, before training, from the pretrained
-  model's predictions on each unlabeled stream (per predicted class the k most confident samples,
-  k = min(N/C · 0.1, 100)), with the pretrained model's predicted class as its fixed pseudo-label;
+- ``test_time`` (no labels): a trusted set is chosen once, before training, from the teacher's
+  predictions on each unlabeled stream (per predicted class the k most confident samples,
+  k = min(N/C · 0.1, 100)), with the teacher's predicted class as its fixed pseudo-label. The
+  teacher (``teacher``) is each task's own expert by default; the paper's is the zero-shot
+  pretrained model (``teacher: pretrained``), a strong teacher for CLIP but a weak one for a
+  backbone whose heads were trained on the experts' features (59% on the demo zoo, about 50% on
+  three of its tasks: test-time aTLAS from it stayed below task arithmetic, docs/methods.md);
   every batch mixes 3/4 untrusted and 1/4 trusted samples; the loss is the cross-entropy of a
   strong view (random resized crop 0.5–1 + flip) against the pseudo-label: the fixed one for a
   trusted sample, the weak view's prediction for an untrusted one where the weak view is at least
@@ -43,6 +47,9 @@ class AtlasOptions:
     trusted_fraction: float = option(0.1, low=0, low_open=True, high=1)  # test_time: k = min(N/C · fraction, trusted_max) per class
     trusted_max: int = option(100, low=1)
     trusted_share: float = option(0.25, low=0, high=1, high_open=True)  # test_time: the trusted share of every batch
+    # test_time: who labels the trusted set: each task's own expert (default: the strongest teacher
+    # at hand) or the pretrained model through the task's head (the paper's zero-shot teacher)
+    teacher: str = option("experts", choices=("experts", "pretrained"))
 
     def __post_init__(self) -> None:
         check_fields(self, "atlas option")
@@ -118,14 +125,14 @@ class ATLAS(Method):
                 subsets.append(stream_from_tensors(s.name, s.inputs(idx), y[idx], source=f"{a.shots}-shot of {s.source}"))
                 labels[s.name], saved[key] = y[idx], idx
             return TrainingData(subsets, labels, augment=True, state=saved)
-        # test time: the trusted set, once, from the pretrained model's predictions
+        # test time: the trusted set, once, from the teacher's predictions (no labels)
         pools, saved = {}, {}
         need = [s for s in streams if f"trusted.{s.name}" not in state]
         logits = {}
         if need:
             from adamerge.train.expert_targets import expert_logits
 
-            logits = expert_logits(model, tv, heads, need, cache_dir, say=say, pretrained=True)
+            logits = expert_logits(model, tv, heads, need, cache_dir, say=say, pretrained=a.teacher == "pretrained")
         labels = {}
         for s in streams:
             key = f"trusted.{s.name}"

@@ -275,7 +275,10 @@ class Method:
         reads (``method_args`` of a method without options, ``prepare_args`` without a prepare
         solver, ``solver_args`` of a method with its own loop) is an error, not ignored."""
         values = {**self.defaults}
-        for key, value in (overrides or {}).items():
+        overrides = overrides or {}
+        if overrides.get("objective", values.get("objective")) != values.get("objective"):
+            values.pop("objective_args", None)  # the default objective's options do not carry to another
+        for key, value in overrides.items():
             if key.endswith("_args") and isinstance(value, dict) and isinstance(values.get(key), dict):
                 value = {**values[key], **value}
             values[key] = value

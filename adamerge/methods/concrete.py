@@ -29,6 +29,10 @@ from adamerge.solvers.base import parse_options
 
 
 TEMPERATURE = (1e-4, 1e4)
+# The default objective of both Concrete methods: information maximisation with a floor (the
+# library's recommended, collapse-safe objective). The papers' entropy (``objective: entropy``)
+# lets the element-wise mask collapse a task onto few classes on the demo zoo (docs/methods.md).
+COLLAPSE_SAFE = {"objective": "infomax", "objective_args": {"floor": 0.9}}
 
 
 @dataclass
@@ -94,7 +98,7 @@ class _Concrete(Method):
 
 @register_method("concrete_ta")
 class ConcreteTA(_Concrete):
-    defaults = {"granularity": "task", "init": 0.3, "constraint": "none", "lr": 1e-3, "steps": 2000, "objective": "entropy"}
+    defaults = {"granularity": "task", "init": 0.3, "constraint": "none", "lr": 1e-3, "steps": 2000, **COLLAPSE_SAFE}
     description = "Concrete task arithmetic: λ fixed, the element-wise Concrete mask learns"
 
     def build(self, model, tv, cfg, seed=0, state=None, stage=None):
@@ -115,7 +119,7 @@ class ConcreteTA(_Concrete):
 @register_method("concrete_adamerging")
 class ConcreteAdaMerging(_Concrete):
     defaults = {"granularity": "layer", "init": 0.3, "constraint": "box", "bounds": (0.0, 1.0), "lr": 1e-3,
-                "steps": 2000, "objective": "entropy", "solver": "bilevel"}
+                "steps": 2000, **COLLAPSE_SAFE, "solver": "bilevel"}
     description = "Concrete AdaMerging: bi-level mask learning, then AdaMerging on the frozen mask"
 
     def config(self, overrides: dict | None = None) -> MethodConfig:

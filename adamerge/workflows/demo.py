@@ -69,14 +69,15 @@ LEARNED |= {
 # that many AdaMerging steps on the frozen mask
 LEARNED |= {
     "concrete_ta": ("concrete_ta", {"lr": 1e-2}),
+    "concrete_ta(paper)": ("concrete_ta", {"lr": 1e-2, "objective": "entropy"}),
     "concrete_adamerging(layer)": ("concrete_adamerging", {"lr": 1e-2}),
-    "concrete_adamerging(layer,infomax,floor=0.9)": (
-        "concrete_adamerging", {"lr": 1e-2, "objective": "infomax", "objective_args": {"floor": 0.9}}),
+    "concrete_adamerging(layer,paper)": ("concrete_adamerging", {"lr": 1e-2, "objective": "entropy"}),
 }
 # aTLAS (issue 10): test time (unlabeled, trusted pseudo-labels) and few-shot (k labeled images
 # per class from each task's TRAINING split, never the scored test split): uses labels
 LEARNED |= {
     "atlas(test_time)": ("atlas", {"lr": 1e-2}),
+    "atlas(test_time,paper)": ("atlas", {"lr": 1e-2, "init": 0.0, "method_args": {"teacher": "pretrained"}}),
     "atlas(few_shot,k=5)": ("atlas", {"lr": 1e-2, "method_args": {"mode": "few_shot", "shots": 5}}),
     "atlas(few_shot,k=25)": ("atlas", {"lr": 1e-2, "method_args": {"mode": "few_shot", "shots": 25}}),
 }
