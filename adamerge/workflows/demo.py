@@ -6,6 +6,7 @@ method is one fixed configuration (:data:`RECOMMENDED`), never chosen per run fr
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -212,7 +213,10 @@ def run_demo(
         run_dir = runs / _slug(name)
         # a row whose finished run was made from the same zoo and options is reused, so an
         # interrupted demo continues where it stopped
-        spec = json.loads(json.dumps({"zoo": str(zoo.path), "method": method, "options": options, "seed": seed}))
+        # (the resolved options too: a run made under other method defaults is not reused)
+        resolved = dataclasses.asdict(create_method(method).config(options))
+        spec = json.loads(json.dumps({"zoo": str(zoo.path), "method": method, "options": options, "seed": seed,
+                                      "resolved": resolved}, default=str))
         marker = run_dir / "demo_row.json"
         # the row's resolved config: `adamerge fit --config RUN/config.yaml` reruns it
         row_cfg = row_config(out, zoo, tasks, seed, method, options, run_dir,
