@@ -1,5 +1,6 @@
-"""FW-Merging over a pool: the oracle, the pool's streaming merge and its memory, the run
-(distractors never chosen, export, resume) and bad pools."""
+"""FW-Merging over a pool: the oracle (one gradient per task, the start as a candidate), the
+pool's streaming merge and its memory, hard mode's start and steps and FW-Soft's replacement
+against hand computations, the run (distractors never chosen, export, resume) and bad pools."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from adamerge.cli import main
 from adamerge.errors import InputError
-from adamerge.methods.fw_merging import FWOptions, fw_step, oracle_scores, select
+from adamerge.methods.fw_merging import (START, FWOptions, distinct, fw_step, fw_update, oracle_scores, select,
+                                         vertex_coordinates)
 from adamerge.core.pool import CheckpointPool
 from helpers import TASKS, write_config
 
@@ -66,6 +68,44 @@ def test_pool_merge_is_the_hand_computed_combination_and_fw_step_moves_theta_tow
         assert torch.allclose(stepped[k], merged[k] + 0.25 * (theta_sel[k] - merged[k]), atol=1e-6)
 
 
+def test_every_task_gradient_is_scored_in_one_pass_and_the_start_is_one_more_candidate(tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    base = {"a": torch.randn(5, 3, generator=gen), "b": torch.randn(4, generator=gen)}
+    deltas = {n: {k: 0.2 * torch.randn(v.shape, generator=gen) for k, v in base.items()} for n in ("x", "y", "z")}
+    pool = CheckpointPool(_write_pool(tmp_path, base, deltas), base, ["a", "b"])
+    grads = [{k: torch.randn(v.shape, generator=gen) for k, v in base.items()} for _ in range(3)]
+    start = {k: v + 0.1 * torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    for score in ("linear", "cosine"):
+        one_pass_before = pool.bytes_read
+        together = oracle_scores(grads, pool, score, start)
+        assert pool.bytes_read - one_pass_before == sum(v.numel() * 4 for v in base.values()) * 3  # each candidate once
+        assert together.shape == (3, 4, 2)
+        for j, g in enumerate(grads):
+            assert torch.equal(together[j, :3], oracle_scores(g, pool, score))
+            for i, k in enumerate(["a", "b"]):  # the start's row: the same score as a candidate with its weights
+                gk, w = g[k].double().flatten(), start[k].double().flatten()
+                expected = (gk @ (w - base[k].double().flatten()) if score == "linear"
+                            else gk @ w / (gk.norm() * w.norm()))
+                assert torch.isclose(together[j, 3, i], expected, rtol=1e-9)
+
+
+def test_the_chosen_set_is_the_union_of_the_tasks_vertices_and_a_step_moves_towards_each():
+    a = torch.tensor([[1.0, 1.0], [0.0, 0.0], [0.0, 0.0]], dtype=torch.float64)  # candidate 0 for both tensors
+    b = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)  # a composite (layer oracle)
+    assert distinct([a, b, a.clone(), b]) == [0, 1]
+    # the start's row (the last) stands for the start's coordinates
+    start = torch.tensor([[0.3, 0.3], [0.3, 0.3]], dtype=torch.float64)
+    chose_start = torch.tensor([[0.0, 1.0], [0.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    assert torch.equal(vertex_coordinates(chose_start, start), torch.tensor([[0.3, 1.0], [0.3, 0.0]], dtype=torch.float64))
+    assert torch.equal(vertex_coordinates(a, None), a)
+    mu = torch.tensor([[0.2, 0.1], [0.4, 0.0]], dtype=torch.float64)
+    v = torch.stack([torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.tensor([[0.0, 0.0], [1.0, 1.0]])]).double()
+    w = torch.tensor([[0.5, 0.1], [0.25, 0.0]], dtype=torch.float64)
+    expected = mu + w[0] * (v[0] - mu) + w[1] * (v[1] - mu)
+    assert torch.allclose(fw_update(mu, v, w), expected, atol=0)
+    assert torch.allclose(fw_update(mu, v[:1], torch.full((1, 2), 0.25, dtype=torch.float64)), fw_step(mu, v[0], 0.25))
+
+
 def test_the_pool_reads_one_tensor_at_a_time_whatever_its_size(tmp_path, make_zoo):
     _, base, experts = make_zoo("vit", 2)
     keys = [k for k, v in base.items() if v.is_floating_point()]
@@ -108,7 +148,9 @@ def test_fw_merging_never_selects_a_distractor_and_its_export_reproduces_the_run
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     fw = results["fw_merging"]
     assert len(fw["history"]) == 4
-    assert all(h["chosen"] in TASKS for h in fw["history"])
+    # one choice per task's gradient (was: one for their sum); the default linear oracle picks each
+    # task's own expert (the paper's cosine against full weights chose `anti` for task2 here)
+    assert all(h["chosen"] == {t: t for t in TASKS} for h in fw["history"])
     assert fw["weight_per_candidate"]["noise"] == fw["weight_per_candidate"]["anti"] == 0.0
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
@@ -152,19 +194,115 @@ def test_fw_merging_resumes_at_the_next_iteration_with_the_same_result(tiny_zoo_
     assert hist(tmp_path / "ref") == hist(tmp_path / "cut")
 
 
-def test_fw_soft_runs_adamerging_over_the_chosen_candidates(tiny_zoo_dir, tmp_path):
-    cfg = _pool_config(tmp_path, tiny_zoo_dir, options={
-        "method_args": {"iterations": 2, "soft": True, "soft_steps": 3}, "batch_size": 16})
+def _two_task_config(tmp_path: Path, zoo: Path, method_args: dict, **changes) -> Path:
+    """Two tasks (task0, task1) over a pool of their experts and two distractors (noise and an
+    anti-expert of task0): each task's descent vertex is its own expert."""
+    two = TASKS[:2]
+    pool = {t: str(zoo / "experts" / f"{t}.safetensors") for t in two} | _distractors(zoo, tmp_path / "distractors")
+    return write_config(tmp_path, zoo, method="fw_merging", pool=pool,
+                        experts={t: str(zoo / "experts" / f"{t}.safetensors") for t in two},
+                        heads={t: str(zoo / "heads" / f"{t}.safetensors") for t in two},
+                        data={t: {"tensors": str(zoo / "data" / f"{t}.safetensors")} for t in two},
+                        options={"method_args": method_args, "batch_size": 100}, **changes)
+
+
+def _nested(run: Path, t: int, pool: list[str], keys: list[str]) -> tuple[list[str], torch.Tensor]:
+    """FW-Soft's nested AdaMerging of iteration t: its tasks (the chosen vertices) and its
+    coefficients as ``[vertices, tensors]`` in the pool's tensor order."""
+    sub = run / "soft" / f"iteration{t}"
+    groups = json.loads((sub / "groups.json").read_text())
+    col = {k: g for g, e in enumerate(groups["groups"]) for k in e["parameters"]}
+    coef = load_file(str(sub / "coefficients.safetensors"))["coefficients"].double()
+    return groups["tasks"], coef[:, [col[k] for k in keys]]
+
+
+def _keys() -> list[str]:
+    from adamerge.zoo.tiny import tiny_vit
+
+    return [n for n, _ in tiny_vit().named_parameters()]
+
+
+def test_fw_soft_chooses_each_tasks_expert_and_replaces_the_model_by_the_nested_adamerging(tiny_zoo_dir, tmp_path):
+    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"soft": True, "iterations": 2, "soft_steps": 4})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    fw = json.loads((run / "results.json").read_text())["fw_merging"]
+    names, keys = list(fw["pool"]), _keys()
+    assert fw["settings"]["start"] == "pretrained" and fw["start_candidate"] is False
+    # each task's own gradient chooses its own expert; AdaMerging runs over exactly that set
+    for h in fw["history"]:
+        assert h["chosen"] == {"task0": "task0", "task1": "task1"} and h["set"] == ["task0", "task1"]
+    # iteration 0 from the pretrained model (μ = 0): the merge IS the nested AdaMerging (its init 0.3
+    # moved by training), not a damped step towards it
+    tasks0, coef0 = _nested(run, 0, names, keys)
+    assert tasks0 == ["task0", "task1"] and not torch.allclose(coef0, torch.full_like(coef0, 0.3))
+    mu1 = torch.zeros(len(names), len(keys), dtype=torch.float64)
+    for i, n in enumerate(tasks0):
+        mu1[names.index(n)] = coef0[i]
+    # iteration 1 is anchored at the merged model: θ ← θ + Σ_v λ_v (θ_v − θ), μ ← μ + Σ_v λ_v (e_v − μ)
+    tasks1, coef1 = _nested(run, 1, names, keys)
+    mu2 = mu1.clone()
+    for i, n in enumerate(tasks1):
+        e = torch.zeros_like(mu1)
+        e[names.index(n)] = 1.0
+        mu2 += coef1[i] * (e - mu1)
+    lam = load_file(str(run / "method_state.safetensors"))["pool_coefficients"]
+    assert torch.allclose(lam, mu2, atol=1e-6)
+    assert lam[names.index("noise")].abs().max() == lam[names.index("anti")].abs().max() == 0
+
+
+def test_fw_hard_starts_from_the_pretrained_model_with_a_full_first_step(tiny_zoo_dir, tmp_path):
+    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 3})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    results = json.loads((run / "results.json").read_text())
+    fw = results["fw_merging"]
+    names, keys = list(fw["pool"]), _keys()
+    assert fw["start_candidate"] is True
+    # by hand: μ0 = 0 (the pretrained model, which is also a candidate: coordinates 0);
+    # a_0 = 0.3 · 1 (a full first step), a_t = 0.3 · 2/(t+2) · 0.1 after
+    mu = torch.zeros(len(names), len(keys), dtype=torch.float64)
+    for t, h in enumerate(fw["history"]):
+        a = 0.3 if t == 0 else 0.3 * 2 / (t + 2) * 0.1
+        step = torch.zeros_like(mu)
+        for v in h["set"]:
+            e = torch.zeros_like(mu)
+            if v != START:
+                e[names.index(v)] = 1.0
+            step += a * (e - mu)
+        mu = mu + step
+        if t == 0:  # the first step is task arithmetic (λ = 0.3) over the tasks' experts
+            assert h["set"] == ["task0", "task1"]
+            experts = [names.index("task0"), names.index("task1")]
+            assert torch.equal(mu[experts], torch.full((2, len(keys)), 0.3, dtype=torch.float64))
+            assert mu.sum() == 0.3 * 2 * len(keys)  # nothing on the distractors
+    lam = load_file(str(run / "method_state.safetensors"))["pool_coefficients"]
+    assert torch.allclose(lam, mu, atol=1e-12)
+    # the start's score is the pretrained model's: accuracy before = pretrained + heads
+    from adamerge.config import build_all, load_config
+    from adamerge.train.loop import evaluate
+
+    parts = build_all(load_config(cfg))
+    parts["model"].load_state_dict(load_file(str(tiny_zoo_dir / "base.safetensors")), strict=True)
+    assert results["before"]["per_task"] == evaluate(parts["model"], parts["heads"], parts["streams"])["per_task"]
+
+
+def test_fw_hard_from_task_arithmetic_with_one_summed_gradient_is_fw_hard_py(tiny_zoo_dir, tmp_path):
+    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 2, "start": "task_arithmetic", "choose": "summed"})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     fw = json.loads((tmp_path / "run" / "results.json").read_text())["fw_merging"]
-    assert [len(h["soft_set"]) for h in fw["history"]] == [2, 2]
-    for t in range(2):
-        assert (tmp_path / "run" / "soft" / f"iteration{t}" / "results.json").is_file()
+    names, keys = list(fw["pool"]), _keys()
+    mu0 = torch.zeros(len(names), len(keys), dtype=torch.float64)
+    mu0[[names.index("task0"), names.index("task1")]] = 0.3
+    mu = mu0.clone()
+    for t, h in enumerate(fw["history"]):
+        assert list(h["chosen"]) == ["all"] and len(h["set"]) == 1  # one vertex for the summed gradient
+        target = mu0.clone() if h["set"][0] == START else torch.zeros_like(mu)
+        if h["set"][0] != START:
+            target[names.index(h["set"][0])] = 1.0
+        mu = fw_step(mu, target, 0.3 * 2 / (t + 2) * 0.1)  # γ_0 = step_size: no full first step from task arithmetic
     lam = load_file(str(tmp_path / "run" / "method_state.safetensors"))["pool_coefficients"]
-    names = list(fw["pool"])
-    touched = {n for h in fw["history"] for n in h["soft_set"]} | set(TASKS)
-    for i, n in enumerate(names):
-        assert bool((lam[i] != 0).any()) == (n in touched)
+    assert torch.allclose(lam, mu, atol=1e-12)
 
 
 def test_bad_pools_are_refused_before_anything_is_written(tiny_zoo_dir, tmp_path):
@@ -182,10 +320,17 @@ def test_bad_pools_are_refused_before_anything_is_written(tiny_zoo_dir, tmp_path
     from adamerge.config import load_config
     from adamerge.methods import create_method
 
-    cfg = write_config(tmp_path / "noexp", tiny_zoo_dir, method="fw_merging", pool=_distractors(tiny_zoo_dir, tmp_path / "d"))
+    # starting from task arithmetic needs the experts in the pool; from the pretrained model (the
+    # default now) a pool of unknown checkpoints is fine
+    pool = _distractors(tiny_zoo_dir, tmp_path / "d")
+    cfg = write_config(tmp_path / "noexp", tiny_zoo_dir, method="fw_merging", pool=pool,
+                       options={"method_args": {"start": "task_arithmetic"}})
     with pytest.raises(InputError, match="none of the experts"):
         create_method("fw_merging").validate(load_config(cfg), None)
-    for bad in ({"oracle": "best"}, {"iterations": -1}, {"soft_k": 1}, {"step_size": 5.0, "scale": 1.0}):
+    cfg = write_config(tmp_path / "noexp_pre", tiny_zoo_dir, method="fw_merging", pool=pool)
+    create_method("fw_merging").validate(load_config(cfg), None)
+    for bad in ({"oracle": "best"}, {"iterations": -1}, {"choose": "best"}, {"start": "zero"}, {"soft_lr": 0.0},
+                {"step_size": 5.0, "scale": 1.0}):
         with pytest.raises(InputError):
             FWOptions(**bad)
 
