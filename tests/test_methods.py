@@ -54,11 +54,16 @@ def test_method_contract(tiny_zoo_dir, tmp_path, method):
     assert main(["eval", "--run", str(run)]) == 0
 
 
-def _hand_doge(base, experts, tasks, state, c, trim, per_task):
-    """θ0 + Σ_t c/‖τ_t,l‖ · ((τ_t + δ) ⊙ M_t) on weight matrices, θ0 elsewhere (float64)."""
+def _hand_doge(base, experts, tasks, state, trim, per_task, params, c=0.07, lam_mean=None, cap=None, others=0.0):
+    """θ0 + Σ_t λ_t,l · ((τ_t + δ) ⊙ M_t) on weight matrices, θ0 + others · Σ_t τ_t on the other
+    parameters (float64). λ_t,l = min(c_l / ‖τ_t,l‖, cap) with c_l = c, or with ``lam_mean`` the
+    c_l for which the tasks' c_l / ‖τ_t,l‖ average ``lam_mean``."""
     taus = {k: torch.stack([experts[t][k].double() - base[k].double() for t in tasks]) for k in base}
     keys = [k for k in base if k.endswith("weight") and base[k].dim() >= 2 and f"delta.{k}" in state]
     out = {k: base[k].double().clone() for k in base}
+    for k in params:
+        if k not in keys:
+            out[k] += others * taus[k].sum(0)
     for t in range(len(tasks)):
         flat = torch.cat([taus[k][t].abs().reshape(-1) for k in keys])
         thr = flat.kthvalue(flat.numel() - int(trim * flat.numel())).values
@@ -66,15 +71,25 @@ def _hand_doge(base, experts, tasks, state, c, trim, per_task):
             tau = taus[k][t]
             delta = state[f"delta.{k}"].double()
             delta = delta[t] if per_task else delta
-            lam = c / tau.norm()
+            norms = [float(taus[k][i].norm()) for i in range(len(tasks))]
+            c_l = c if lam_mean is None else lam_mean * len(tasks) / sum(1.0 / n for n in norms)
+            lam = c_l / norms[t]
+            lam = lam if cap is None else min(lam, cap)
             out[k] += lam * (tau + delta) * (tau.abs() > thr)
     return out
 
 
-def test_doge_merge_equals_the_hand_computation_and_its_loss_falls(tiny_zoo_dir, tmp_path):
+PORT = {"lam_mean": None, "others": 0.0, "cap": None}  # the FusionBench port's reading of DOGE
+
+
+@pytest.mark.parametrize("reading", ["default", "port"])
+def test_doge_merge_equals_the_hand_computation_and_its_loss_falls(tiny_zoo_dir, tmp_path, reading):
+    """The default (λ averaging 0.3 per matrix, capped at 1; the other parameters at task
+    arithmetic's 0.3) and the port's reading (c = 0.07, the others at θ0), each against the hand merge."""
     from adamerge.workflows.export import load_run
 
-    cfg = write_config(tmp_path, tiny_zoo_dir, method="doge", options={"steps": 40, "solver_args": {"lr": 1e-3}})
+    args = {"lr": 1e-3, **(PORT if reading == "port" else {})}
+    cfg = write_config(tmp_path, tiny_zoo_dir, method="doge", options={"steps": 40, "solver_args": args})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -85,7 +100,9 @@ def test_doge_merge_equals_the_hand_computation_and_its_loss_falls(tiny_zoo_dir,
     merged, parts, config = load_run(run)
     base = load_state_dict(config["base"])
     experts = {t: load_state_dict(p) for t, p in config["experts"].items()}
-    hand = _hand_doge(base, experts, list(experts), state, 0.07, 0.3, per_task=False)
+    params = [n for n, _ in parts["model"].named_parameters()]
+    rule = {} if reading == "port" else {"lam_mean": 0.3, "cap": 1.0, "others": 0.3}
+    hand = _hand_doge(base, experts, list(experts), state, 0.3, False, params, **rule)
     got = merged.merged_state_dict()
     for k, v in hand.items():
         if v.is_floating_point():

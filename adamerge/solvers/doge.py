@@ -4,8 +4,10 @@
 For every weight matrix (a parameter named ``*weight`` with 2 or more dimensions; convolution
 kernels are read as ``[out, in·kh·kw]``) it learns a correction δ (shared by the tasks, or one per
 task) with Adam on the layer's data-free loss, the gradient projected against the shared subspace
-of the task vectors every step, with λ_t = c / ‖τ_t‖_F. Layers are independent: each finished
-layer is kept in a partial checkpoint, so an interrupted solve resumes at the next layer.
+of the task vectors every step, with λ_t = min(c / ‖τ_t‖_F, cap) (``cap`` None: the port), c fixed (the port) or chosen per
+matrix so that the tasks' λ average to ``lam_mean``. Layers
+are independent: each finished layer is kept in a partial checkpoint, so an interrupted solve
+resumes at the next layer.
 The state it returns, ``{"delta.<name>": δ}``, is applied by the ``doge`` methods' ``build``.
 """
 from __future__ import annotations
@@ -30,6 +32,11 @@ def matrix_keys(tv, param_names: list[str]) -> list[str]:
 @dataclass
 class DOGEOptions:
     c: float = option(doge_ops.DEFAULT_C, low=0, low_open=True)  # λ_t = c / ‖τ_t‖_F per weight matrix
+    # scale-free c: per weight matrix, c_l such that the mean over tasks of c_l/‖τ_t,l‖ is lam_mean
+    # (c is then ignored; the 1/‖τ_t‖ ratios between tasks are kept); None: the fixed c (the port;
+    # method doge: 0.3)
+    lam_mean: float | None = option(None, low=0, low_open=True)
+    cap: float | None = option(None, low=0, low_open=True)  # λ_t = min(c / ‖τ_t‖_F, cap); None: uncapped (the port; method doge: 1)
     per_task: bool = option(False)  # one δ per task (the AdaMerging variant of the port) or one shared
     # the gradient part kept: "orthogonal" (the port: g − UUᵀg) or "subspace" (UUᵀg)
     keep: str = option("orthogonal", choices=tuple(doge_ops.KEEP_CHOICES))
@@ -39,7 +46,7 @@ class DOGEOptions:
     lr: float = option(doge_ops.DEFAULT_LR, low=0, low_open=True)
     steps_per_layer: int | None = option(None, low=0)  # None: options.steps
     trim: float = option(doge_ops.DEFAULT_TRIM_KEEP, low=0, low_open=True, high=1)  # final merge keeps this fraction of each τ_t by magnitude (1: no trim)
-    others: float = option(0.0)  # coefficient of the parameters without a correction (the port leaves them at θ0)
+    others: float = option(0.0)  # coefficient of the parameters without a correction (the port: 0, they stay at θ0; method doge: 0.3)
 
     def __post_init__(self) -> None:
         check_fields(self, "doge option")
@@ -83,7 +90,7 @@ class DOGESolver(Solver):
                 continue
             tau = tv.vectors[key]
             taus = tau.reshape(tau.shape[0], tau.shape[1], -1).to(torch.float64 if tau.dtype == torch.float64 else torch.float32)
-            lam = doge_ops.doge_coefficients(taus, a.c)
+            lam = doge_ops.doge_coefficients(taus, a.c, cap=a.cap, lam_mean=a.lam_mean)
             try:
                 delta, losses = doge_ops.solve_layer(
                     taus, lam, steps=steps, lr=a.lr, per_task=a.per_task, keep=a.keep,

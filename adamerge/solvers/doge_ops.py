@@ -6,8 +6,9 @@ vector ``tau_m = sum_i lam_i * (tau_i + delta)`` (``delta_i`` with one correctio
 close to every task vector. The loss is data-free (:func:`layer_loss`); ``delta`` is trained with
 Adam from zero while its gradient is projected against a shared subspace of the task vectors
 (:func:`shared_subspace`, :func:`project_gradient`), and ``lam_t = c / ||tau_t||_F``
-(:func:`doge_coefficients`). The final merge keeps each task vector's top magnitudes
-(:func:`magnitude_trim_mask`). Defaults follow the public port in FusionBench
+(:func:`doge_coefficients`; optionally capped, or with a per-layer c such that the tasks' mean
+coefficient is a target, both departures from the port for a network whose layers differ in scale). The
+final merge keeps each task vector's top magnitudes (:func:`magnitude_trim_mask`). Defaults follow the public port in FusionBench
 (``fusion_bench/method/doge_ta/doge_ta.py``): ``c = 0.07``, 400 Adam steps at lr 1e-4 per layer,
 per-task SVD keeping ``floor(r/T)`` left singular vectors (``r = min(out, in)``), a second SVD of
 the stacked bases keeping ``floor(r/6)`` columns, and ``g <- g - U U^T g`` (the in-subspace
@@ -158,15 +159,57 @@ def layer_loss(taus: Tensor, delta: Tensor, lam: Tensor) -> Tensor:
 
 
 def doge_coefficients(
-    taus: Tensor, c: float = DEFAULT_C, on_zero: Literal["zero", "raise"] = "zero"
+    taus: Tensor, c: float = DEFAULT_C, on_zero: Literal["zero", "raise"] = "zero", cap: float | None = None,
+    lam_mean: float | None = None,
 ) -> Tensor:
-    """Training-free coefficients ``lam_t = c / ||tau_t||_F`` (norm over all but dim 0), shape [T].
+    """Training-free coefficients ``lam_t = min(c / ||tau_t||_F, cap)`` (norm over all but dim 0),
+    shape [T]; ``cap=None`` (the port) leaves them uncapped.
 
     Why: the coefficient acts as a per-task learning rate that equalises tasks whose vectors differ
-    in scale. A task vector that is exactly zero in this layer (e.g. the layer was frozen while
-    fine-tuning) gets ``lam_t = 0`` with ``on_zero="zero"`` (it carries nothing to merge, and an
-    infinite coefficient would blow up its delta term); ``on_zero="raise"`` raises InputError.
+    in scale. ``c = 0.07`` was calibrated on ViT-B/32, whose weight matrices are large; on a small
+    layer (a depthwise kernel of a few hundred entries) ``c / ||tau||`` exceeds 1, i.e. the merge
+    would add more than the expert's own task vector: ``cap=1`` forbids that. A task vector that
+    is exactly zero in this layer (e.g. the layer was frozen while fine-tuning) gets ``lam_t = 0``
+    with ``on_zero="zero"`` (it carries nothing to merge, and an infinite coefficient would blow
+    up its delta term); ``on_zero="raise"`` raises InputError.
+
+    ``lam_mean`` (not in the port): a scale-free c. The layer's c is chosen so that the mean of
+    ``c / ||tau_t||`` over the tasks with a nonzero task vector equals ``lam_mean``
+    (:func:`scale_free_c`); the ratios between tasks (DOGE's 1/||tau_t|| equalisation) are kept,
+    ``c`` is ignored, and ``cap`` still applies afterwards.
     """
+    if lam_mean is not None:
+        c = scale_free_c(taus, lam_mean)
+        if c == 0.0:  # every task vector is zero in this layer
+            return torch.zeros(taus.shape[0], dtype=_work_dtype(taus))
+    lam = _uncapped_coefficients(taus, c, on_zero)
+    if cap is None:
+        return lam
+    cap_v = _check_divisor("cap", cap)
+    return lam.clamp(max=cap_v)
+
+
+def scale_free_c(taus: Tensor, lam_mean: float) -> float:
+    """The c of one layer for which the mean over tasks of ``c / ||tau_t||_F`` is ``lam_mean``:
+    ``c = lam_mean * n / sum_t 1/||tau_t||`` over the n tasks whose task vector is nonzero here
+    (0.0 when there is none). Why: c = 0.07 is calibrated on ViT-B/32's matrices; the norms of a
+    small CNN's matrices differ by an order of magnitude between layer kinds, so a fixed c gives
+    some layers a far smaller coefficient than task arithmetic and others a far larger one."""
+    lm = _check_divisor("lam_mean", lam_mean)
+    if not isinstance(taus, Tensor) or taus.dim() < 1 or taus.shape[0] < 1:
+        raise InputError("taus must be a tensor [T, ...] with T >= 1")
+    t = taus.detach().to(_work_dtype(taus))
+    if not bool(torch.isfinite(t).all()):
+        raise InputError("taus contains NaN or inf")
+    norms = t.reshape(t.shape[0], -1).norm(dim=1)
+    nonzero = norms[norms > 0]
+    if nonzero.numel() == 0:
+        return 0.0
+    return float(lm * nonzero.numel() / (1.0 / nonzero).sum())
+
+
+def _uncapped_coefficients(taus: Tensor, c: float, on_zero: str) -> Tensor:
+    """``c / ||tau_t||_F`` per task (0 for a zero task vector, or InputError with ``on_zero="raise"``)."""
     if on_zero not in ("zero", "raise"):
         raise InputError(f"on_zero must be 'zero' or 'raise', got {on_zero!r}")
     if not isinstance(taus, Tensor) or taus.dim() < 1 or taus.shape[0] < 1:
