@@ -58,10 +58,68 @@ def test_coefficient_direction_follows_the_side(combine):
         assert torch.allclose(up.sum(-1), torch.tensor([3 * lo + hi - lo]))
 
 
-def test_the_default_router_sends_an_input_to_the_most_divergent_expert():
-    d = torch.tensor([[0.05, 0.9, 0.1]])  # expert 1 changed its prediction most: its task's input
-    coef = t3_coefficients(d, T3Options())
+def test_the_default_batch_router_sends_a_batch_to_the_most_divergent_expert():
+    d = torch.tensor([[0.05, 0.9, 0.1]])  # expert 1 changed its prediction most: its task's batch
+    coef = t3_coefficients(d, T3Options(per="batch"))
     assert int(coef.argmax()) == 1 and float(coef[0, 1]) > 0.99
+
+
+def test_router_defaults_depend_on_per_and_the_paper_is_one_option_away():
+    """Per batch: the hard router (γ = 10, λ ∈ [0, 1]); per input: a softer one in a band around
+    task arithmetic (γ = 5, λ ∈ [0.2, 0.8]); both softmax over divergences in bits, side expert.
+    ``preset: paper``: one σ per expert, γ = 0.5 in nats, side generalist. Explicit settings win."""
+    router = lambda o: (o.gamma, o.lam_min, o.lam_max, o.log_base, o.side, o.combine)  # noqa: E731
+    assert router(T3Options()) == (5.0, 0.2, 0.8, 2.0, "expert", "softmax")
+    assert router(T3Options(per="sample")) == router(T3Options())
+    assert router(T3Options(per="batch")) == (10.0, 0.0, 1.0, 2.0, "expert", "softmax")
+    for per in ("sample", "batch"):
+        assert router(T3Options(per=per, preset="paper")) == (0.5, 0.0, 1.0, math.e, "generalist", "independent")
+    assert router(T3Options(gamma=10.0, lam_min=0.0, lam_max=1.0)) == router(T3Options(per="batch"))  # the old T3
+    assert T3Options(per="batch", gamma=2.0).gamma == 2.0 and T3Options(preset="paper", side="expert").side == "expert"
+    with pytest.raises(InputError, match="lam_min <= lam_max"):
+        T3Options(lam_min=0.9)  # above the per-input default λ_max 0.8
+
+
+def test_per_input_default_coefficients_by_hand():
+    """One input with divergences (0.1, 0.5, 0.2) bits: w = softmax(5·d), c = 0.2 + 0.6·w.
+    By hand: e^0.5 = 1.648721, e^2.5 = 12.182494, e^1 = 2.718282, sum 16.549497;
+    w = (0.099624, 0.736125, 0.164251); c = (0.259774, 0.641675, 0.298551)."""
+    coef = t3_coefficients(torch.tensor([[0.1, 0.5, 0.2]]), T3Options())
+    assert coef[0].tolist() == pytest.approx([0.259774, 0.641675, 0.298551], abs=1e-6)
+    assert float(coef.sum()) == pytest.approx(3 * 0.2 + 0.6)  # T·λ_min + λ_max − λ_min
+
+
+def test_one_input_merged_by_the_default_per_input_router_equals_the_hand_merge(make_zoo, inputs):
+    """On a BatchNorm network, one input: its divergences from the pretrained model and each
+    expert (θ0's BatchNorm statistics), the default coefficients and the merged model's logits,
+    each computed by hand."""
+    model, base, experts = make_zoo("cnn", 3)
+    model = copy.deepcopy(model).float()
+    tv = TaskVectors.from_state_dicts(base, experts)
+    x = inputs("cnn", n=1, seed=3)
+    head = LinearHead(torch.randn(4, model(x).shape[-1], generator=torch.Generator().manual_seed(1)))
+    params = {n for n, _ in model.named_parameters()}
+
+    def logits(coefs: list[float]) -> torch.Tensor:
+        state = {k: base[k] + sum(c * (experts[t][k] - base[k]) for c, t in zip(coefs, experts)) if k in params else base[k]
+                 for k in base}
+        model.load_state_dict(state)
+        with torch.no_grad():
+            return head(model(x))
+
+    p0 = torch.softmax(logits([0.0, 0.0, 0.0]), -1)[0].double()
+    d = []
+    for j in range(3):
+        pj = torch.softmax(logits([float(i == j) for i in range(3)]), -1)[0].double()
+        m = 0.5 * (p0 + pj)
+        d.append(float(0.5 * (p0 * (p0 / m).log()).sum() + 0.5 * (pj * (pj / m).log()).sum()) / math.log(2))
+    e = [math.exp(5.0 * v) for v in d]
+    coefs = [0.2 + 0.6 * v / sum(e) for v in e]
+    out = TestTimeMerger(t3_merged_model(model, tv), {"t0": head}, T3Options()).predict(x, "t0")
+    assert out.divergences[0].tolist() == pytest.approx(d, abs=1e-5)
+    assert out.coefficients[0].tolist() == pytest.approx(coefs, abs=1e-5)
+    assert max(d) > 1e-3 and max(coefs) - min(coefs) > 1e-4  # the router is not at its uniform point
+    assert torch.allclose(out.logits, logits(coefs), atol=1e-5)
 
 
 @pytest.mark.parametrize("bad", [{"per": "token"}, {"lam_min": 1.0, "lam_max": 0.5}, {"log_base": 1}, {"chunk": 0}, {"gamma": "x"}])
@@ -130,7 +188,9 @@ def test_t3_fit_export_predict(tiny_zoo_dir, tmp_path, per):
     results = json.loads((run / "results.json").read_text())
     assert results["status"] == "finished" and results["uses_labels"] is False
     stats = results["t3"]["coefficients"]["task0"]["task0"]
-    assert 0.0 <= stats["min"] <= stats["mean"] <= stats["max"] <= T3Options().lam_max
+    defaults = T3Options(per=per)
+    assert results["t3"]["settings"]["lam_max"] == defaults.lam_max  # the router defaults of ``per``, recorded
+    assert defaults.lam_min <= stats["min"] <= stats["mean"] <= stats["max"] <= defaults.lam_max
     lambdas = load_file(str(run / "lambdas.safetensors"))
     data = load_file(str(tiny_zoo_dir / "data" / "task0.safetensors"))
     assert lambdas["task0"].shape == (data["x"].shape[0], 3)

@@ -10,8 +10,10 @@ pretrained model into that expert's coefficient and merges per input (T3) or per
 
 ``combine = softmax`` (the default) replaces σ by a softmax over the experts (c sums to
 λ_min·T + λ_max − λ_min): a router. The public material leaves the bounds, the side, the log base
-and the batch aggregation open; the defaults (side expert, softmax, γ = 10 on divergences in bits,
-λ ∈ [0, 1]) were chosen on the quick demo zoo, see docs/test_time_and_pools.md.
+and the batch aggregation open; the defaults (side expert, softmax on divergences in bits; per
+batch γ = 10 and λ ∈ [0, 1], per input a softer γ = 5 and λ ∈ [0.2, 0.8]) were chosen on the
+development demo zoos, see :data:`ROUTER_DEFAULTS` and docs/test_time_and_pools.md; the paper's
+form is ``preset: paper``.
 
 Cost per batch against one fixed merged model: one vmapped pass of T + 1 parameter sets (the
 pretrained model and the experts, :meth:`MergedModel.forward_many`) for the divergences, then the
@@ -35,25 +37,45 @@ from adamerge.core.merged import MergedModel
 
 LAM_LIMIT = 1e6
 
+#: The router's settings when not given, by ``per``: fixed on the development demo zoos (quick,
+#: full seeds 0 and 1, the seed-2 subset; experiments/t3_settings.py, docs/test_time_and_pools.md).
+#: One input's divergence is a noisier routing signal than a batch's mean (on full0 the largest
+#: divergence is the input's own expert for 20-85 % of a task's inputs), so per input the router
+#: is softer and its coefficients stay in a band around task arithmetic's.
+ROUTER_DEFAULTS: dict[str, dict] = {
+    "batch": {"gamma": 10.0, "lam_min": 0.0, "lam_max": 1.0, "log_base": 2.0, "side": "expert", "combine": "softmax"},
+    "sample": {"gamma": 5.0, "lam_min": 0.2, "lam_max": 0.8, "log_base": 2.0, "side": "expert", "combine": "softmax"},
+}
+#: The paper's form (one σ per expert, γ = 0.5 on the JS divergence in nats, leaning on the
+#: generalist as the divergence grows, λ ∈ [0, 1]): ``preset: paper``, for either ``per``.
+PAPER = {"gamma": 0.5, "lam_min": 0.0, "lam_max": 1.0, "log_base": math.e, "side": "generalist", "combine": "independent"}
+
 
 @dataclass
 class T3Options:
-    """Options of ``t3`` (``options.method_args``); defaults fixed on the quick demo zoo."""
+    """Options of ``t3`` (``options.method_args``). The router's settings left unset (``None``)
+    come from the preset: ``adamerge`` takes :data:`ROUTER_DEFAULTS` of ``per``, ``paper`` the
+    paper's form (:data:`PAPER`); a setting given explicitly always wins."""
 
     per: str = option("sample", choices=("sample", "batch"))  # sample (T3: one merge per input) | batch (T3_B: one merge per batch)
-    gamma: float = option(10.0)  # slope of the sigmoid (or softmax temperature⁻¹) on the divergence; any finite value
+    preset: str = option("adamerge", choices=("adamerge", "paper"))  # where unset router settings come from
+    gamma: float | None = option(None)  # slope of the sigmoid (or softmax temperature⁻¹) on the divergence; any finite value
     # the coefficients' range; |λ| <= 1e6 (a larger coefficient overflows the merged float32 weights)
-    lam_min: float = option(0.0, low=-LAM_LIMIT, high=LAM_LIMIT)
-    lam_max: float = option(1.0, low=-LAM_LIMIT, high=LAM_LIMIT)
-    log_base: float = option(2.0, low=1, low_open=True)  # divergences in bits: JS ∈ [0, 1]; math.e gives nats (JS ≤ ln 2)
-    side: str = option("expert", choices=("expert", "generalist"))  # expert: c_j grows with expert j's divergence | generalist: shrinks
-    combine: str = option("softmax", choices=("independent", "softmax"))  # softmax (over experts: a router) | independent (a sigmoid per expert)
+    lam_min: float | None = option(None, low=-LAM_LIMIT, high=LAM_LIMIT)
+    lam_max: float | None = option(None, low=-LAM_LIMIT, high=LAM_LIMIT)
+    log_base: float | None = option(None, low=1, low_open=True)  # 2: divergences in bits, JS ∈ [0, 1]; math.e gives nats (JS ≤ ln 2)
+    side: str | None = option(None, choices=("expert", "generalist"))  # expert: c_j grows with expert j's divergence | generalist: shrinks
+    combine: str | None = option(None, choices=("independent", "softmax"))  # softmax (over experts: a router) | independent (a sigmoid per expert)
     aggregate: str = option("mean_divergence", choices=("mean_divergence", "mean_lambda"))  # T3_B: mean_divergence (then λ) | mean_lambda
     chunk: int = option(16, low=1)  # T3: inputs merged at once (memory: chunk merged parameter copies)
     batch_size: int = option(64, low=1)
 
     def __post_init__(self) -> None:
         check_fields(self, "t3 option")
+        fill = PAPER if self.preset == "paper" else ROUTER_DEFAULTS[self.per]
+        for name, value in fill.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.lam_min > self.lam_max:
             raise InputError(f"t3 options need lam_min <= lam_max, got {self.lam_min} > {self.lam_max}")
 
