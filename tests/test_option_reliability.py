@@ -274,7 +274,7 @@ def test_t3_coefficients_are_finite_for_any_finite_gamma(gamma, combine, side):
     if combine == "softmax":  # the documented sum: λ_min·T + λ_max − λ_min
         assert torch.allclose(c.double().sum(-1), torch.full((4,), -1e6 * 3 + 2e6, dtype=torch.float64), atol=1.0)
     if gamma == 1e308 and combine == "softmax" and side == "expert":  # the limit: the argmax takes λ_max
-        unit = t3_coefficients(d, T3Options(gamma=gamma))
+        unit = t3_coefficients(d, T3Options(gamma=gamma, lam_min=0.0, lam_max=1.0))
         assert unit[1].tolist() == [1.0, 0.0, 0.0] and unit[0].tolist() == [0.0, 0.5, 0.5]
 
 
