@@ -13,6 +13,7 @@ continues). The summary judges each default row against task arithmetic λ = 0.3
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -45,10 +46,39 @@ VARIANTS: dict[str, tuple[str, dict]] = {
 }
 
 
+def measured(folder: Path) -> dict[str, dict]:
+    """Every row measured in a demo output folder: the last demo call's table (``results.json``,
+    which holds only the rows that call named, and the data-free rows) plus every finished run
+    under ``runs/`` whose resolved method config is still the current one (a run made under other
+    method defaults is stale and left out)."""
+    from adamerge.methods import create_method
+    from adamerge.train.runs import RunFolder
+
+    methods = dict(json.loads((folder / "results.json").read_text())["methods"])
+    for name in demo.LEARNED:
+        run_dir = folder / "runs" / demo._slug(name)
+        marker = run_dir / "demo_row.json"
+        if name in methods or not marker.is_file() or not RunFolder(run_dir).is_finished():
+            continue
+        spec = json.loads(marker.read_text())
+        method = create_method(spec["method"])
+        cfg = method.config(spec["options"])
+        current = json.loads(json.dumps(method.settings(cfg), default=str))
+        res = RunFolder(run_dir).read_results()
+        # a run made before the demo recorded the parsed option classes is compared on its resolved
+        # config only (the marker's, or else the one results.json records): a changed default of an
+        # option class (method_args, solver_args) goes unseen there, so rerun such rows
+        legacy = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+        if spec.get("resolved", res.get("options")) not in (current, legacy):
+            continue
+        kind = {"doge": "data_free", "t3": "test_time"}.get(spec["method"], "learned")
+        methods[name] = {"kind": kind, "mean": res["after"]["mean"], "per_task": res["after"]["per_task"]}
+    return methods
+
+
 def summary(folder: Path) -> list[dict]:
     """One row per judged method in a demo output folder: its mean, the margins it is judged on."""
-    results = json.loads((folder / "results.json").read_text())
-    methods = results["methods"]
+    methods = measured(folder)
     ta, ada = methods[TA]["mean"], methods.get("adamerging(layer)", {}).get("mean")
     rows = []
     for name, m in methods.items():
@@ -77,7 +107,7 @@ def print_matrix(folders: list[Path]) -> None:
     """README's table: a row per judged method, a column per setting, the mean and its margin
     over task arithmetic λ = 0.3 (and over adamerging(layer) where the issue asks for it)."""
     data = {f.name: {r["row"]: r for r in summary(f)} for f in folders}
-    ref = {f.name: json.loads((f / "results.json").read_text())["methods"] for f in folders}
+    ref = {f.name: measured(f) for f in folders}
     print("| row | " + " | ".join(data) + " |")
     print("| --- | " + " | ".join("---:" for _ in data) + " |")
     for name in ("experts", TA, "adamerging(layer)"):

@@ -38,6 +38,32 @@ def test_a_second_demo_reuses_finished_rows(demo_out, capsys):
     (demo_out / "results.json").write_text(json.dumps(before))  # the other tests read the full table
 
 
+def test_a_row_is_refitted_when_a_default_of_its_option_classes_changes(demo_out, monkeypatch):
+    """The demo reuses a finished row only if its *settings* are unchanged: the config and every
+    parsed option class (method_args, each solver's options), defaults filled in. A changed
+    default of a solver's option class (not visible in the config) makes the row stale."""
+    import dataclasses
+
+    from adamerge.methods import create_method
+    from adamerge.solvers.doge import DOGESolver
+
+    marker = json.loads((demo_out / "runs" / "doge" / "demo_row.json").read_text())
+    doge = create_method("doge")
+    settings = json.loads(json.dumps(doge.settings(doge.config(marker["options"])), default=str))
+    assert marker["resolved"] == settings
+    assert settings["solvers"][0]["options"]["trim"] == 0.3 and settings["method_args"] is None
+
+    @dataclasses.dataclass
+    class OtherTrim(DOGESolver.Options):
+        trim: float = 0.5
+
+    monkeypatch.setattr(DOGESolver, "Options", OtherTrim)
+    changed = json.loads(json.dumps(doge.settings(doge.config(marker["options"])), default=str))
+    assert changed["config"] == settings["config"] and changed != marker["resolved"]
+    t3 = create_method("t3")  # method_args defaults are filled in too
+    assert t3.settings(t3.config({}))["method_args"]["gamma"] == 5.0
+
+
 def test_demo_writes_results_plots_and_export(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     tasks = results["tasks"]

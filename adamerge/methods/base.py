@@ -287,6 +287,20 @@ class Method:
         self.check(cfg)
         return cfg
 
+    def settings(self, cfg: MethodConfig) -> dict:
+        """Everything a fit with ``cfg`` depends on, every default filled in: the config, the
+        parsed ``method_args`` and each solver stage's parsed options. Two runs with equal settings
+        are the same run (the demo reuses a finished row only then: a changed default of a
+        method's or a solver's option class changes this, not ``cfg``)."""
+        from adamerge.solvers import solver_class
+
+        opts = self.method_options(cfg)
+        return {"config": dataclasses.asdict(cfg),
+                "method_args": None if opts is None else dataclasses.asdict(opts),
+                "solvers": [{"solver": name, "steps": steps,
+                             "options": dataclasses.asdict(parse_options(solver_class(name).Options, args, f"solver '{name}'"))}
+                            for name, args, steps in self.solvers(cfg)]}
+
     def method_options(self, cfg: MethodConfig) -> Any:
         """``cfg.method_args`` parsed by :attr:`method_args_class` (``None`` without one)."""
         if self.method_args_class is None:

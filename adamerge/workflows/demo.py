@@ -6,7 +6,6 @@ method is one fixed configuration (:data:`RECOMMENDED`), never chosen per run fr
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -214,7 +213,7 @@ def run_demo(
         # a row whose finished run was made from the same zoo and options is reused, so an
         # interrupted demo continues where it stopped
         # (the resolved options too: a run made under other method defaults is not reused)
-        resolved = dataclasses.asdict(create_method(method).config(options))
+        resolved = create_method(method).settings(create_method(method).config(options))
         spec = json.loads(json.dumps({"zoo": str(zoo.path), "method": method, "options": options, "seed": seed,
                                       "resolved": resolved}, default=str))
         marker = run_dir / "demo_row.json"
