@@ -152,6 +152,9 @@ def test_fw_merging_never_selects_a_distractor_and_its_export_reproduces_the_run
     # task's own expert (the paper's cosine against full weights chose `anti` for task2 here)
     assert all(h["chosen"] == {t: t for t in TASKS} for h in fw["history"])
     assert fw["weight_per_candidate"]["noise"] == fw["weight_per_candidate"]["anti"] == 0.0
+    # hard mode starts from task arithmetic by default (fw_hard.py's start, over the experts only)
+    assert fw["settings"]["start"] == "task_arithmetic" and fw["start_candidate"] is True
+    assert [h["step"] for h in fw["history"]] == pytest.approx([0.3 * 0.1 * 2 / (t + 2) for t in range(4)])
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
     meta = json.loads((out / "adamerge.json").read_text())
@@ -252,7 +255,7 @@ def test_fw_soft_chooses_each_tasks_expert_and_replaces_the_model_by_the_nested_
 
 
 def test_fw_hard_starts_from_the_pretrained_model_with_a_full_first_step(tiny_zoo_dir, tmp_path):
-    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 3})
+    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 3, "start": "pretrained"})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -320,15 +323,16 @@ def test_bad_pools_are_refused_before_anything_is_written(tiny_zoo_dir, tmp_path
     from adamerge.config import load_config
     from adamerge.methods import create_method
 
-    # starting from task arithmetic needs the experts in the pool; from the pretrained model (the
-    # default now) a pool of unknown checkpoints is fine
+    # starting from task arithmetic (hard mode's default) needs the experts in the pool; from the
+    # pretrained model (soft mode's default) a pool of unknown checkpoints is fine
     pool = _distractors(tiny_zoo_dir, tmp_path / "d")
-    cfg = write_config(tmp_path / "noexp", tiny_zoo_dir, method="fw_merging", pool=pool,
-                       options={"method_args": {"start": "task_arithmetic"}})
-    with pytest.raises(InputError, match="none of the experts"):
+    for name, args in (("noexp", {}), ("noexp_ta", {"start": "task_arithmetic", "soft": True})):
+        cfg = write_config(tmp_path / name, tiny_zoo_dir, method="fw_merging", pool=pool, options={"method_args": args})
+        with pytest.raises(InputError, match="none of the experts"):
+            create_method("fw_merging").validate(load_config(cfg), None)
+    for name, args in (("noexp_pre", {"start": "pretrained"}), ("noexp_soft", {"soft": True})):
+        cfg = write_config(tmp_path / name, tiny_zoo_dir, method="fw_merging", pool=pool, options={"method_args": args})
         create_method("fw_merging").validate(load_config(cfg), None)
-    cfg = write_config(tmp_path / "noexp_pre", tiny_zoo_dir, method="fw_merging", pool=pool)
-    create_method("fw_merging").validate(load_config(cfg), None)
     for bad in ({"oracle": "best"}, {"iterations": -1}, {"choose": "best"}, {"start": "zero"}, {"soft_lr": 0.0},
                 {"step_size": 5.0, "scale": 1.0}):
         with pytest.raises(InputError):
