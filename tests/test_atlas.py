@@ -126,7 +126,8 @@ def test_few_shot_without_a_labeled_split_is_refused(tiny_zoo_dir, tmp_path, cap
     assert "labeled split" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("bad", [{"mode": "fewshot"}, {"shots": 0}, {"p": 0.5}])
+@pytest.mark.parametrize("bad", [{"mode": "fewshot"}, {"shots": 0}, {"p": 0.5}, {"crop_min": 0.0}, {"crop_min": 1.5},
+                                 {"flip": "no"}])
 def test_atlas_options_are_checked(tiny_zoo_dir, tmp_path, capsys, bad):
     cfg = write_config(tmp_path, tiny_zoo_dir, method="atlas", options={"method_args": bad})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 2
@@ -165,3 +166,45 @@ def test_test_time_atlas_raises_accuracy_over_its_start(tiny_zoo_dir, tmp_path):
     assert results["uses_labels"] is False
     # (the paper's teacher, the pretrained model, gains 4.4 points here: 64.3 -> 68.8)
     assert after["mean"] > before["mean"] + 0.15, (before, after)
+
+
+def test_strong_view_without_flip_is_the_same_crop_never_flipped():
+    """``flip=False`` draws the same random numbers: the same crops, none of them mirrored."""
+    from adamerge.train.data import strong_view
+
+    x = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2 * 3, 1, 8, 8).repeat(1, 3, 1, 1)
+    flipped = strong_view(x, torch.Generator().manual_seed(5))
+    plain = strong_view(x, torch.Generator().manual_seed(5), flip=False)
+    mirrored = [i for i in range(len(x)) if not torch.equal(flipped[i], plain[i])]
+    assert mirrored and len(mirrored) < len(x)  # some samples drew a flip, some did not
+    for i in range(len(x)):
+        assert torch.equal(flipped[i], plain[i].flip(-1) if i in mirrored else plain[i])
+
+
+@pytest.mark.parametrize("args,expected", [({}, {"scale": (0.8, 1.0), "flip": False}),
+                                           ({"flip": True, "crop_min": 0.5}, {"scale": (0.5, 1.0), "flip": True})])
+def test_atlas_view_options_reach_the_strong_view(tiny_zoo_dir, tmp_path, monkeypatch, args, expected):
+    """method_args crop_min and flip set every strong view the loop makes (by default a crop of
+    0.8–1 and no flip; the paper's 0.5–1 and flip one option away)."""
+    import adamerge.train.loop as loop
+
+    seen, original = [], loop.strong_view
+
+    def spy(x, generator, **kwargs):
+        seen.append(kwargs)
+        return original(x, generator, **kwargs)
+
+    monkeypatch.setattr(loop, "strong_view", spy)
+    cfg = write_config(tmp_path, tiny_zoo_dir, method="atlas", options={"steps": 3, "method_args": args})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    assert seen and all(k == expected for k in seen)
+
+
+def test_the_strong_view_defaults_depend_on_the_mode():
+    """Test time: a crop of 0.8–1, no flip (measured on the demo's development settings); few-shot
+    keeps the paper's 0.5–1 and flip; explicit values win."""
+    from adamerge.methods.atlas import AtlasOptions
+
+    assert (AtlasOptions().crop_min, AtlasOptions().flip) == (0.8, False)
+    assert (AtlasOptions(mode="few_shot").crop_min, AtlasOptions(mode="few_shot").flip) == (0.5, True)
+    assert (AtlasOptions(crop_min=0.5, flip=True).crop_min, AtlasOptions(flip=True).flip) == (0.5, True)

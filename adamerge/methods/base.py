@@ -203,6 +203,7 @@ class TrainingData:
     pools: dict | None = None
     mix: list | None = None
     augment: bool = False
+    view: dict = field(default_factory=dict)  # strong_view's options (scale, flip); empty: aTLAS's crop 0.5–1 + flip
     state: dict = field(default_factory=dict)
 
 

@@ -238,10 +238,11 @@ class StepBatches(Dataset):
         return StepBatch(inputs, index)
 
 
-def strong_view(x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0)) -> Tensor:
+def strong_view(x: Tensor, generator: torch.Generator, scale: tuple[float, float] = (0.5, 1.0), flip: bool = True) -> Tensor:
     """aTLAS's strong view of an image batch ``[N, C, H, W]``: per sample a random resized crop
-    (area fraction in ``scale``, aspect ratio 3/4..4/3, resized back to H×W) and a horizontal flip
-    with probability 1/2. Deterministic given the generator."""
+    (area fraction in ``scale``, aspect ratio 3/4..4/3, resized back to H×W) and, with ``flip``, a
+    horizontal flip with probability 1/2 (the random numbers drawn are the same either way).
+    Deterministic given the generator."""
     if x.dim() != 4:
         raise InputError(f"strong views need image batches [N, C, H, W], got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
@@ -256,7 +257,8 @@ def strong_view(x: Tensor, generator: torch.Generator, scale: tuple[float, float
         left = int(float(r[i, 3]) * (w - cw + 1))
         crop = x[i : i + 1, :, top : top + ch, left : left + cw]
         crop = F.interpolate(crop.float(), size=(h, w), mode="bilinear", align_corners=False).to(x.dtype)
-        out[i] = crop[0].flip(-1) if torch.rand(1, generator=generator).item() < 0.5 else crop[0]
+        flipped = torch.rand(1, generator=generator).item() < 0.5
+        out[i] = crop[0].flip(-1) if flip and flipped else crop[0]
     return out
 
 

@@ -63,7 +63,8 @@ class MergeModule(L.LightningModule):
 
     def __init__(self, merged: MergedModel, heads: Mapping[str, nn.Module], cfg: MethodConfig, solver,
                  targets: Mapping[str, Tensor] | None = None, regularizer: Callable | None = None,
-                 augment: bool = False, seed: int = 0, tasks: Sequence[str] | None = None) -> None:
+                 augment: bool = False, seed: int = 0, tasks: Sequence[str] | None = None,
+                 view: Mapping | None = None) -> None:
         super().__init__()
         # the streams' tasks: the task vectors' names, unless those are something else (FW-Soft's
         # pool candidates)
@@ -82,7 +83,7 @@ class MergeModule(L.LightningModule):
         self.target_kind = target_kind(cfg.objective)
         if self.target_kind in ("experts", "labels") and targets is None:
             raise InputError(f"objective '{cfg.objective}' needs per-sample {self.target_kind} (targets)")
-        self.augment, self.seed = augment, seed
+        self.augment, self.seed, self.view = augment, seed, dict(view or {})
         for i, t in enumerate(self.tasks):  # per-sample targets move with the module
             self.register_buffer(f"_target{i}", None if targets is None else targets[t], persistent=False)
         self.strict_loading = False  # checkpoints leave the frozen heads out
@@ -110,7 +111,7 @@ class MergeModule(L.LightningModule):
         if kind == "views" or self.augment:
             # the strong view: a function of (seed, step), the same for every call within a step
             gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(self.global_step))
-            strong = strong_view(x.cpu(), gen).to(x.device)
+            strong = strong_view(x.cpu(), gen, **self.view).to(x.device)
             if kind == "views":
                 with torch.no_grad():
                     weak = self.merged(images_layout(x)).split(sizes)
@@ -349,7 +350,7 @@ def run_plan(plan) -> dict:
                     if rank_zero:
                         run.save_state(state, {"stages_done": i, "solver": solver.name})
             module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
-                                 augment=data.augment, seed=seed, tasks=tasks)
+                                 augment=data.augment, seed=seed, tasks=tasks, view=data.view)
             ckpt_dir = run.stage_checkpoints(i)
             resuming = resume and (ckpt_dir / "last.ckpt").exists()
             trainer = _trainer(run, ckpt_dir, steps, progress, plan.cfg["trainer"], plan.cfg["checkpoint_every"])

@@ -77,7 +77,8 @@ LEARNED |= {
 # per class from each task's TRAINING split, never the scored test split): uses labels
 LEARNED |= {
     "atlas(test_time)": ("atlas", {"lr": 1e-2}),
-    "atlas(test_time,paper)": ("atlas", {"lr": 1e-2, "init": 0.0, "method_args": {"teacher": "pretrained"}}),
+    "atlas(test_time,paper)": ("atlas", {"lr": 1e-2, "init": 0.0,
+                                         "method_args": {"teacher": "pretrained", "crop_min": 0.5, "flip": True}}),
     "atlas(few_shot,k=5)": ("atlas", {"lr": 1e-2, "method_args": {"mode": "few_shot", "shots": 5}}),
     "atlas(few_shot,k=25)": ("atlas", {"lr": 1e-2, "method_args": {"mode": "few_shot", "shots": 25}}),
 }
