@@ -73,8 +73,7 @@ def measured(folder: Path) -> dict[str, dict]:
         legacy = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
         if spec.get("resolved", res.get("options")) not in (current, legacy):
             continue
-        kind = {"doge": "data_free", "t3": "test_time"}.get(spec["method"], "learned")
-        methods[name] = {"kind": kind, "mean": res["after"]["mean"], "per_task": res["after"]["per_task"]}
+        methods[name] = {"kind": demo.row_kind(spec["method"]), "mean": res["after"]["mean"], "per_task": res["after"]["per_task"]}
     return methods
 
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from adamerge.cli import main
 from adamerge.errors import InputError
-from adamerge.methods.fw_merging import (START, FWOptions, distinct, fw_step, fw_update, oracle_scores, select,
+from adamerge.methods.fw_merging import (START, FWOptions, distinct, fw_update, oracle_scores, select,
                                          vertex_coordinates)
 from adamerge.core.pool import CheckpointPool
 from helpers import TASKS, write_config
@@ -45,6 +45,11 @@ def test_oracle_picks_the_descent_candidate_and_never_a_distractor(tmp_path, sco
     chosen = select(oracle_scores(g, pool, score), oracle)
     assert chosen.sum(0).tolist() == [1.0, 1.0]  # one vertex per tensor
     assert chosen[pool.names.index("expert")].tolist() == [1.0, 1.0]
+
+
+def fw_step(lam: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
+    """By hand: ``λ ← (1 − γ) λ + γ · target`` (θ moves a fraction γ towards the target)."""
+    return (1.0 - gamma) * lam + gamma * target
 
 
 def test_pool_merge_is_the_hand_computed_combination_and_fw_step_moves_theta_towards_the_target(tmp_path, make_zoo):

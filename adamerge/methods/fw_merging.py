@@ -154,11 +154,6 @@ def vertex_coordinates(choice: Tensor, start: Tensor | None) -> Tensor:
     return choice[:-1] + choice[-1] * start
 
 
-def fw_step(lam: Tensor, target: Tensor, gamma: float) -> Tensor:
-    """``λ ← (1 − γ) λ + γ · target`` (θ moves a fraction γ towards the target's weights)."""
-    return (1.0 - gamma) * lam + gamma * target
-
-
 def fw_update(mu: Tensor, vertices: Tensor, weights: Tensor) -> Tensor:
     """``μ + Σ_s weights[s] ⊙ (vertices[s] − μ)`` (``vertices`` ``[S, C, K]``, ``weights``
     ``[S, K]``): θ moves towards each chosen vertex by its per-tensor weight. Hard mode's weights

@@ -178,11 +178,12 @@ def doge_coefficients(
     (:func:`scale_free_c`); the ratios between tasks (DOGE's 1/||tau_t|| equalisation) are kept,
     ``c`` is ignored, and ``cap`` still applies afterwards.
     """
+    norms = _task_norms(taus)
     if lam_mean is not None:
-        c = scale_free_c(taus, lam_mean)
+        c = _scale_free_c(norms, lam_mean)
         if c == 0.0:  # every task vector is zero in this layer
-            return torch.zeros(taus.shape[0], dtype=_work_dtype(taus))
-    lam = _uncapped_coefficients(taus, c, on_zero)
+            return torch.zeros_like(norms)
+    lam = _uncapped_coefficients(norms, c, on_zero)
     if cap is None:
         return lam
     cap_v = _check_divisor("cap", cap)
@@ -195,35 +196,38 @@ def scale_free_c(taus: Tensor, lam_mean: float) -> float:
     (0.0 when there is none). Why: c = 0.07 is calibrated on ViT-B/32's matrices; the norms of a
     small CNN's matrices differ by an order of magnitude between layer kinds, so a fixed c gives
     some layers a far smaller coefficient than task arithmetic and others a far larger one."""
+    return _scale_free_c(_task_norms(taus), lam_mean)
+
+
+def _scale_free_c(norms: Tensor, lam_mean: float) -> float:
     lm = _check_divisor("lam_mean", lam_mean)
-    if not isinstance(taus, Tensor) or taus.dim() < 1 or taus.shape[0] < 1:
-        raise InputError("taus must be a tensor [T, ...] with T >= 1")
-    t = taus.detach().to(_work_dtype(taus))
-    if not bool(torch.isfinite(t).all()):
-        raise InputError("taus contains NaN or inf")
-    norms = t.reshape(t.shape[0], -1).norm(dim=1)
     nonzero = norms[norms > 0]
     if nonzero.numel() == 0:
         return 0.0
     return float(lm * nonzero.numel() / (1.0 / nonzero).sum())
 
 
-def _uncapped_coefficients(taus: Tensor, c: float, on_zero: str) -> Tensor:
-    """``c / ||tau_t||_F`` per task (0 for a zero task vector, or InputError with ``on_zero="raise"``)."""
-    if on_zero not in ("zero", "raise"):
-        raise InputError(f"on_zero must be 'zero' or 'raise', got {on_zero!r}")
+def _task_norms(taus: Tensor) -> Tensor:
+    """``||tau_t||_F`` per task (norm over all but dim 0), after checking the tensor."""
     if not isinstance(taus, Tensor) or taus.dim() < 1 or taus.shape[0] < 1:
         raise InputError("taus must be a tensor [T, ...] with T >= 1")
+    t = taus.detach().to(_work_dtype(taus))
+    if not bool(torch.isfinite(t).all()):
+        raise InputError("taus contains NaN or inf")
+    return t.reshape(t.shape[0], -1).norm(dim=1)
+
+
+def _uncapped_coefficients(norms: Tensor, c: float, on_zero: str) -> Tensor:
+    """``c / ||tau_t||_F`` per task from the norms (0 for a zero task vector, or InputError with
+    ``on_zero="raise"``)."""
+    if on_zero not in ("zero", "raise"):
+        raise InputError(f"on_zero must be 'zero' or 'raise', got {on_zero!r}")
     try:
         cv = float(c)
     except (TypeError, ValueError):
         raise InputError(f"c must be a number > 0, got {c!r}") from None
     if not (math.isfinite(cv) and cv > 0):
         raise InputError(f"c must be a finite number > 0, got {c!r}")
-    t = taus.detach().to(_work_dtype(taus))
-    if not bool(torch.isfinite(t).all()):
-        raise InputError("taus contains NaN or inf")
-    norms = t.reshape(t.shape[0], -1).norm(dim=1)
     zero = norms == 0
     if bool(zero.any()):
         if on_zero == "raise":

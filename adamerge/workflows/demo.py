@@ -113,6 +113,11 @@ QUICK_ROWS = [
 ]
 
 
+def row_kind(method: str) -> str:
+    """The table's kind of a learned row's method: DOGE needs no data, T3 merges at test time."""
+    return {"doge": "data_free", "t3": "test_time"}.get(method, "learned")
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "+-_" else "_" for c in name).strip("_")
 
@@ -235,7 +240,7 @@ def run_demo(
                       checkpoint_every=max(options.get("steps", 1), 1), labeled=labeled,
                       pool=pool if method == "fw_merging" else None)
             atomic_write_json(marker, spec)
-        kind = {"doge": "data_free", "t3": "test_time"}.get(method, "learned")
+        kind = row_kind(method)
         record(name, kind, res["uses_labels"], res["after"], res["seconds"])
         if "fw_merging" in res:  # which candidates it chose: the share of the tensors' weight each holds
             results["methods"][name]["pool_weight"] = {n: round(w, 4) for n, w in res["fw_merging"]["weight_per_candidate"].items()}
