@@ -51,6 +51,7 @@ class RunPlan:
         self.resume = resume
         self.progress = progress
         self.parts = parts
+        self._owns_parts = False
         self.from_file = from_file  # a config with file inputs (written as the run's config.yaml)
         self._tasks = list(tasks) if tasks else None  # the streams' tasks, when not one per task vector
         self.checks_run: list[str] = []
@@ -161,9 +162,34 @@ class RunPlan:
                              " labeled split (config 'labeled:'); the scored streams are never trained on with labels")
         if self._once("settings"):
             _check_settings(cfg)
+        if self.fitting and cfg["trainer"].get("strategy") == "shard" and self._once("shard_strategy"):
+            self._check_shard_strategy()
         self._check_task_names()
         if self.resume is not None:  # None: decided later (an ablation cell), checked by fit()
             self.check_run_folder()
+
+    def _check_shard_strategy(self) -> None:
+        """``trainer.strategy: shard`` (task vectors sharded across ranks, see
+        :mod:`adamerge.core.sharding`) fits methods whose one data stage comes last, without masks,
+        on whole-tensor groups; anything else is refused before a file is written."""
+        why = None
+        data = [i for i, s in enumerate(self.solvers) if s.needs_data]
+        if self.method.own_loop:
+            why = f"method '{self.cfg['method']}' runs its own loop"
+        elif self.method.has_masks:
+            why = f"method '{self.cfg['method']}' learns masks"
+        elif data != [len(self.solvers) - 1]:
+            why = f"method '{self.cfg['method']}' needs one data stage, the last (it has {len(data)})"
+        elif str(self.options.granularity).startswith("partition"):
+            why = f"granularity '{self.options.granularity}' splits tensors; use task, block or layer"
+        if why:
+            raise InputError(f"trainer.strategy shard (task vectors sharded across processes): {why}")
+
+    @property
+    def owns_parts(self) -> bool:
+        """Whether this plan built its parts itself (nothing else holds them: a sharded run may
+        release the full task vectors once each rank has its shard)."""
+        return self._owns_parts
 
     def check_run_folder(self) -> None:
         """``run_dir`` is a folder (or absent) and holds a run exactly when resuming."""
@@ -189,6 +215,7 @@ class RunPlan:
         ablation's shared inputs), then run the checks on them."""
         self._check_task_names()
         if self.parts is None:
+            self._owns_parts = parts is None
             self.parts = parts if parts is not None else build_all(self.cfg)
         self.check_parts()
         return self

@@ -20,6 +20,7 @@ from torch.func import functional_call, vmap
 
 from adamerge.errors import InputError
 from adamerge.core.granularity import Grouping, Spec, make_grouping
+from adamerge.core.sharding import Shard, make_shard, sharded_merge
 from adamerge.core.task_vectors import TaskVectors
 
 BUFFER_POLICIES = ("base", "average", "reestimate")
@@ -181,6 +182,8 @@ class MergedModel(nn.Module):
         self._fixed: dict[str, Tensor] | None = None  # see fixed_parameters
         self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
         self.mask_set: nn.Module | None = None  # learnable masks (adamerge.core.masks.ConcreteMasks)
+        self._shard: Shard | None = None  # see shard()
+        self._final: dict[str, Tensor] | None = None  # see gather_final()
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -266,8 +269,15 @@ class MergedModel(nn.Module):
         the tasks) or ``[T, *shape]`` (one per task); unlisted parameters are unmasked.
         """
         masks = self.masks if masks is None else masks
-        learned = self.mask_set() if self.mask_set is not None else {}
+        if self._final is not None:
+            return dict(self._final)
         coef = self.applied_coefficients()
+        if self._shard is not None:
+            if masks:
+                raise InputError("a sharded merged model takes no masks")
+            weights = coef[:, self._shard.tensor_group.to(coef.device)]
+            return sharded_merge(weights.to(merge_dtype(self._shard.base.dtype)), self._shard)
+        learned = self.mask_set() if self.mask_set is not None else {}
         out: dict[str, Tensor] = {}
         chunks = self.grouping.chunks
         for i, key in enumerate(self.merge_keys):
@@ -288,6 +298,58 @@ class MergedModel(nn.Module):
             out[key] = merge_tensor(weights.to(merge_dtype(base.dtype)), tau, base)
         return out
 
+    # ------------------------------------------------------------------ sharding (trainer.strategy: shard)
+    def shard(self, rank: int, world: int, group=None) -> None:
+        """Keep only this rank's shard of the base and task vectors of the merged tensors (see
+        :mod:`adamerge.core.sharding`); from now on every merge is a collective of the ``world``
+        ranks. Whole-tensor groups and no masks. The full tensors are released here (the caller
+        drops its own references, e.g. the :class:`TaskVectors`)."""
+        refusal = self.shard_refusal()
+        if refusal:
+            raise InputError(refusal)
+        n = len(self.merge_keys)
+        self._shard = make_shard(self.merge_keys, [self._tensor("_base", i) for i in range(n)],
+                                 [self._tensor("_tau", i) for i in range(n)],
+                                 [self.grouping.tensor_group[k] for k in self.merge_keys], rank, world, group)
+        for i in range(n):
+            delattr(self, f"_base{i}")
+            delattr(self, f"_tau{i}")
+
+    def shard_refusal(self) -> str | None:
+        """Why this model cannot be sharded, or ``None``."""
+        if self._shard is not None:
+            return "the merged model is already sharded"
+        if self.grouping.chunks:
+            return f"sharded task vectors need whole-tensor groups (task, block, layer), not '{self.grouping.spec}'"
+        if self.masks or self.mask_set is not None:
+            return "sharded task vectors do not support masks (TIES/TALL masks, Concrete masks)"
+        return None
+
+    @property
+    def is_sharded(self) -> bool:
+        return self._shard is not None
+
+    def shard_summary(self) -> dict | None:
+        """This rank's share of the task vectors (``None`` when not sharded)."""
+        return self._shard.summary() if self._shard is not None else None
+
+    @torch.no_grad()
+    def gather_final(self) -> None:
+        """A sharded model's last merge, gathered once on every rank (a collective) and kept: the
+        model then merges no more (its coefficients are final) and runs without the other ranks,
+        e.g. for rank 0's evaluation and results after training."""
+        if self._shard is None:
+            raise InputError("gather_final is for a sharded merged model")
+        self._final = {k: v.detach().clone() for k, v in self.merged_parameters().items()}
+
+    def _apply(self, fn, recurse: bool = True):
+        super()._apply(fn, recurse)
+        if self._shard is not None:  # the shard is not a registered buffer (DDP would broadcast it)
+            self._shard.base, self._shard.tau = fn(self._shard.base), fn(self._shard.tau)
+        if self._final is not None:
+            self._final = {k: fn(v) for k, v in self._final.items()}
+        return self
+
     def add_masks(self, mask_set: nn.Module) -> None:
         """Attach learnable masks (a module returning ``{name: mask}``); their parameters train
         with (or instead of) the coefficients. A mask multiplies τ after the fixed ``masks``."""
@@ -305,6 +367,8 @@ class MergedModel(nn.Module):
     @property
     def input_dtype(self) -> torch.dtype | None:
         """The merged model's floating dtype (its first merged parameter's), or ``None``."""
+        if self._shard is not None:
+            return self._shard.base.dtype
         return self._tensor("_base", 0).dtype if self.merge_keys else None
 
     def cast_inputs(self, args: tuple, kwargs: dict | None = None) -> tuple[tuple, dict]:
@@ -336,6 +400,8 @@ class MergedModel(nn.Module):
         Whole-tensor groups only (task, block, layer, rules); no gradient (test-time use)."""
         if self.grouping.chunks:
             raise InputError(f"several coefficient sets at once need whole-tensor groups, not '{self.grouping.spec}'")
+        if self._shard is not None:
+            raise InputError("several coefficient sets at once need the whole task vectors, not a shard")
         if self.mask_set is not None:
             raise InputError("several coefficient sets at once do not support learnable masks")
         T, G = self.coefficients.shape
@@ -459,9 +525,10 @@ class MergedModel(nn.Module):
         size = lambda prefix, n: sum(  # noqa: E731
             self._tensor(prefix, i).numel() * self._tensor(prefix, i).element_size() for i in range(n)
         )
+        held = self._shard.nbytes() if self._shard is not None else {
+            "base": size("_base", len(self.merge_keys)), "task_vectors": size("_tau", len(self.merge_keys))}
         return {
-            "base": size("_base", len(self.merge_keys)),
-            "task_vectors": size("_tau", len(self.merge_keys)),
+            **held,
             "buffers": size("_buf", len(self.buffer_keys)) + size("_extra", len(self.extra_buffer_keys)),
             "coefficients": self.coefficients.numel() * self.coefficients.element_size(),
         }

@@ -91,6 +91,20 @@ class MergeModule(L.LightningModule):
         self._recent: list[float] = []  # the last losses, for options.early_stop
         self.regularizer = regularizer  # e.g. a mask-density penalty: merged -> (scalar, logs)
         self._batch_n = 1
+        self.shard_task_vectors = False  # trainer.strategy: shard (see setup)
+
+    def setup(self, stage: str) -> None:
+        """``trainer.strategy: shard``: once the processes are connected, and before the module is
+        moved to its device, each rank keeps only its shard of the task vectors."""
+        if self.shard_task_vectors and self.trainer.world_size > 1 and not self.merged.is_sharded:
+            from adamerge.memory import release_freed_memory
+
+            self.merged.shard(self.trainer.global_rank, self.trainer.world_size)
+            release_freed_memory()
+
+    def on_train_end(self) -> None:
+        if self.merged.is_sharded:  # every rank takes part; rank 0 then evaluates on its own
+            self.merged.gather_final()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.merged(x)
@@ -351,6 +365,13 @@ def run_plan(plan) -> dict:
                         run.save_state(state, {"stages_done": i, "solver": solver.name})
             module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
                                  augment=data.augment, seed=seed, tasks=tasks, view=data.view)
+            if plan.cfg["trainer"].get("strategy") == SHARD_STRATEGY:
+                module.shard_task_vectors = True
+                refusal = merged.shard_refusal()
+                if refusal:
+                    raise InputError(f"trainer.strategy {SHARD_STRATEGY}: {refusal}")
+                if last and plan.owns_parts:  # the shards are all this process keeps of them
+                    parts["tv"] = tv = None
             ckpt_dir = run.stage_checkpoints(i)
             resuming = resume and (ckpt_dir / "last.ckpt").exists()
             trainer = _trainer(run, ckpt_dir, steps, progress, plan.cfg["trainer"], plan.cfg["checkpoint_every"])
@@ -411,6 +432,8 @@ def run_plan(plan) -> dict:
         "stopped_early": next((mod.stop_reason for mod in modules if mod.stop_reason), None),
         **m.results(merged, cfg),
     }
+    if merged.is_sharded:  # what each rank held: its shard of the base and the task vectors
+        results["sharding"] = {"strategy": SHARD_STRATEGY, **merged.shard_summary()}
     if before is not None and after is not None:
         results |= {"before": before, "after": after}
     run.write_results(results)
@@ -456,6 +479,9 @@ def _quiet_lightning() -> None:
 
 
 _EXTRA_CALLBACKS: list = []
+
+SHARD_STRATEGY = "shard"
+"""``trainer.strategy: shard``: DDP processes, each holding 1/R of the task vectors (by parameter)."""
 
 
 @contextlib.contextmanager
@@ -506,10 +532,14 @@ def _trainer(run: RunFolder, ckpt_dir: Path, steps: int, progress: bool, trainer
 
     ckpt = ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0, every_n_train_steps=checkpoint_every)
     opts = {"accelerator": "cpu", "devices": 1, "strategy": "auto"} | dict(trainer_options or {})
-    if opts["strategy"] == "ddp":
+    if opts["strategy"] in ("ddp", SHARD_STRATEGY):
+        from lightning.pytorch.strategies import DDPStrategy
+
         # a bi-level step (Concrete masks) leaves some trainable tensors out of one backward; the
-        # search for them walks a graph whose trainable leaves are a few coefficients: negligible
-        opts["strategy"] = "ddp_find_unused_parameters_true"
+        # search for them walks a graph whose trainable leaves are a few coefficients: negligible.
+        # The buffers (base, task vectors) are equal on every rank and never change while
+        # training, and a shard differs by rank: DDP must not broadcast them before each forward.
+        opts["strategy"] = DDPStrategy(find_unused_parameters=True, broadcast_buffers=False)
     # not a terminal (CI, a log file): plain lines every few percent instead of Lightning's bar
     lines = [LineProgressBar()] if progress and not sys.stderr.isatty() else []
     return L.Trainer(
