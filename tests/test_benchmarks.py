@@ -107,3 +107,17 @@ def test_sharding_arithmetic_from_measured_sizes(tmp_path, capsys):
     assert big["by_parameter"]["held_gib"] < big["by_task"]["held_gib"] < big["replicated"]["held_gib"]
     assert big["replicated"]["sent_gib"] < 1e-3 < big["by_parameter"]["sent_gib"] < big["by_task"]["sent_gib"]
     assert "by_parameter" in capsys.readouterr().out
+
+
+def test_sharded_fit_benchmark_runs_on_the_tiny_zoo(tmp_path, capsys):
+    """Two processes: each rank's probes are read back, the shard is half the stack, and the
+    coefficients equal one process's."""
+    main = runpy.run_path(str(SCRIPT.parent / "sharded_fit.py"))["main"]
+    assert main(["--cases", "tiny", "--worlds", "1,2", "--json", str(tmp_path / "rows.json"), "--work", str(tmp_path / "w")]) == 0
+    one, two = json.loads((tmp_path / "rows.json").read_text())
+    assert (one["world"], two["world"]) == (1, 2) and one["sharding"] is None
+    assert two["task_vector_mib_per_rank"] == pytest.approx(one["task_vector_mib_per_rank"] / 2, rel=0.01)
+    assert two["sharding"]["task_vector_bytes_per_rank"] * 2 == pytest.approx(two["sharding"]["task_vector_bytes"], rel=0.01)
+    assert two["max_abs_coef_diff_vs_r1"] < 1e-5
+    assert all(r["step_s"] > 0 and r["train_peak_mib_per_rank"] > 0 for r in (one, two))
+    assert "| tiny | 2 | 1 |" in capsys.readouterr().out
