@@ -19,7 +19,7 @@ ensure_torchvision()
 import transformers  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
 
-WORDS = ("a photo of the cat dog car ship plane bird good bad movie film great awful the and is it was very"
+WORDS = ("a photo of the cat dog car ship plane bird good bad movie film great awful and is it was very"
          " not this that one two red blue green small big").split()
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 TASKS = ["t0", "t1", "t2"]
