@@ -171,3 +171,18 @@ def test_a_kind_that_does_not_exist_is_one_line(llama, tmp_path, capsys):
     root, zoo = llama
     zoo = {**zoo, "model": {**zoo["model"], "kind": "seq2seq"}}
     _fails_with_one_line(tmp_path, zoo, capsys, "model.kind must be one of")
+
+
+def test_the_fusionbench_clip_config_resolves_to_eight_hf_tasks_with_zero_shot_heads():
+    from adamerge.config import check_tasks, load_config
+
+    path = Path(__file__).parent.parent / "configs" / "fusionbench_clip_vit_b32_8tasks.yaml"
+    cfg = load_config(path)
+    assert cfg["model"]["source"] == "hf" and cfg["model"]["kind"] == "clip_vision"
+    tasks = check_tasks(cfg)
+    assert tasks == ["sun397", "stanford-cars", "resisc45", "eurosat", "svhn", "gtsrb", "mnist", "dtd"]
+    sizes = {t: len(cfg["heads"][t]["classnames"]) for t in tasks}
+    assert sizes == {"sun397": 397, "stanford-cars": 196, "resisc45": 45, "eurosat": 10, "svhn": 10, "gtsrb": 43,
+                     "mnist": 10, "dtd": 47}
+    assert all("{}" in tpl for t in tasks for tpl in cfg["heads"][t]["templates"])
+    assert Path(cfg["base"]).is_absolute() and Path(cfg["experts"]["mnist"]).name == "clip-vit-base-patch32_mnist"
