@@ -5,6 +5,7 @@ functional merged model's. And the merge equals the same merge computed here by 
 raw tensors of the folders."""
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -191,3 +192,24 @@ def test_an_untied_gpt2_classifier_backbone_equals_the_hand_merge_too(gpt2_run):
         hand = base[key].double() + sum(lam[t, groups.index(key)] * (e[key].double() - base[key].double())
                                         for t, e in enumerate(experts))
         assert_close(exported[key[len("transformer."):]].double(), hand, rtol=0, atol=1e-6, msg=key)
+
+
+def test_the_expert_guided_objective_compares_next_token_distributions_per_position(tmp_path):
+    """``expert_distill`` on a causal LM: each expert's next-token logits on its own windows are
+    cached as [N, L, V] (they are the expert's own logits), and the fit trains on them."""
+    zoo = hf_zoo.llama_zoo(tmp_path / "zoo")
+    config = hf_zoo.write_config(tmp_path / "cfg", zoo, objective="expert_distill", steps=1)
+    RunPlan.from_config(config, progress=False).fit()
+    run = tmp_path / "cfg" / "run"
+    merged, parts, _ = load_run(run)
+    with open(run / "metrics.csv") as f:
+        first = next(csv.DictReader(f))
+    stream = next(s for s in parts["streams"] if s.name == "t0")
+    cached = next((run / "cache").glob("expert_logits-t0-*.safetensors"))
+    targets = next(iter(load_file(str(cached)).values()))
+    assert tuple(targets.shape) == (len(stream), 8, hf_zoo.VOCAB)
+    expert = tf.AutoModelForCausalLM.from_pretrained(zoo["experts"]["t0"]).eval()
+    x = stream.inputs(torch.arange(len(stream)))
+    with torch.no_grad():
+        assert_close(targets, expert(input_ids=x).logits, rtol=1e-4, atol=1e-4)
+    assert float(first["loss/t0"]) > 0
