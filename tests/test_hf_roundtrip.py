@@ -84,6 +84,9 @@ def test_clip_vision_export_reloads_with_from_pretrained_and_gives_the_merged_ou
     assert meta["format"] == "hf" and meta["architecture"] == "CLIPVisionModelWithProjection"
     assert set(meta["inputs"]["experts"]) == set(hf_zoo.TASKS)
     assert "from_pretrained" in (out / "README.md").read_text()
+    # a previous Hugging Face export is recognised as one: --force replaces it
+    export_run(run, out, force=True)
+    assert (out / "config.json").is_file()
 
 
 def test_clip_zero_shot_heads_are_built_from_the_text_tower_as_fusionbench_does(clip_run):
