@@ -63,11 +63,11 @@ def write_hf_export(folder: Path, merged: MergedModel, heads: dict, cfg: dict, r
             "tasks": merged.task_names, "granularity": merged.grouping.spec, "groups": merged.group_names,
             "coefficients": merged.applied_coefficients().detach().tolist(), "buffer_policy": merged.buffer_policy}
     atomic_write_json(folder / "adamerge.json", meta)
+    features = {"clip_vision": "the L2-normalised image embeddings",
+                "sequence_classification": "the pooled output (BERT) or the last non-padding token's hidden state"}
     how = (f"Load it with `transformers.{loader}.from_pretrained(\"<this folder>\")`"
-           + (": the merged backbone; `heads.safetensors` holds each task's classification layer"
-              " (`<task>.weight`/`<task>.bias`, applied to the pooled or last-token features"
-              + (", L2-normalised first" if any(getattr(h, "normalize", False) for h in heads.values()) else "")
-              + ")." if with_heads else "."))
+           + (f": the merged backbone; `heads.safetensors` holds each task's classification layer"
+              f" (`<task>.weight`/`<task>.bias`, applied to {features.get(kind, 'its features')})." if with_heads else "."))
     front = ["---", "library_name: transformers", "tags:", "- merge", "- adamerge"]
     hub = _hub_name(cfg["base"])
     if hub:
