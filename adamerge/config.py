@@ -6,13 +6,17 @@ Schema (paths are relative to the config file)::
     seed: 0
     model: {source: open_clip, name: ViT-B-32, checkpoint: null}   # a registered source (adamerge.sources):
                                                                    # open_clip, timm, python (target: "pkg.mod:fn"),
-                                                                   # tiny_vit, tiny_cnn, efficientnet_lite0
+                                                                   # tiny_vit, tiny_cnn, efficientnet_lite0, hf
+                                                                   # (kind: clip_vision | sequence_classification |
+                                                                   # causal_lm, checkpoint: the base's folder;
+                                                                   # base and experts are then folders too)
     base: zeroshot.safetensors          # the pretrained state dict (keys as model.state_dict())
     prefix: null                        # strip this key prefix when reading weight files
     experts: {mnist: experts/mnist.safetensors, ...}
     heads: {mnist: heads/mnist.safetensors, ...}   # or {path: ..., normalize: true}
                                                    # or {classnames: [...], templates: [...]} (CLIP zero-shot)
-    data: {mnist: {folder: data/mnist/test}, ...}   # or {tensors: file.safetensors} with x (and y)
+    data: {mnist: {folder: data/mnist/test}, ...}   # or {tensors: file.safetensors} with x (and y),
+                                                    # or {text: f.txt} / {jsonl: f.jsonl} (hf text models)
     labeled: {mnist: {tensors: train.safetensors}}  # optional: a labeled split (few-shot methods);
                                                     # never the scored stream
     storage_dtype: auto                 # the task vectors' storage: auto (float64 for a float64
@@ -133,7 +137,7 @@ def resolve_paths(cfg: dict, root: Path) -> dict:
         data = {}
         for t, spec in cfg[section].items():
             spec = {"folder": spec} if isinstance(spec, str) else dict(spec)
-            for key in ("folder", "tensors"):
+            for key in ("folder", "tensors", "text", "jsonl"):
                 if key in spec:
                     spec[key] = fix(spec[key])
             data[t] = spec
@@ -195,7 +199,11 @@ def build_heads(cfg: dict, cache_dir: Path | None = None) -> dict[str, nn.Module
 
     heads = {}
     for task, spec in cfg["heads"].items():
-        if "path" in spec:
+        if "path" not in spec and cfg["model"].get("source") == "hf":
+            from adamerge.io.hf_models import hf_head
+
+            heads[task] = hf_head(cfg, task, spec, cache_dir)
+        elif "path" in spec:
             heads[task] = LinearHead.from_state_dict(load_state_dict(spec["path"]), bool(spec.get("normalize", False)), spec["path"])
         elif "classnames" in spec:
             from adamerge.io.open_clip_models import zero_shot_head
@@ -229,12 +237,16 @@ def build_streams(cfg: dict, transform: Callable | None, section: str = "data") 
             if "x" not in sd:
                 raise InputError(f"data.{task}: {spec['tensors']} needs a tensor named 'x' (and optionally 'y')")
             streams.append(stream_from_tensors(task, sd["x"], sd.get("y"), source=spec["tensors"]))
+        elif "text" in spec or "jsonl" in spec:
+            from adamerge.train.text_data import stream_from_text
+
+            streams.append(stream_from_text(task, spec, transform))
         elif "folder" in spec:
             if transform is None:
                 raise InputError(f"data.{task}: an image folder needs a model with a preprocessing transform")
             streams.append(stream_from_folder(task, spec["folder"], transform))
         else:
-            raise InputError(f"data.{task}: give 'folder' or 'tensors'")
+            raise InputError(f"data.{task}: give 'folder', 'tensors', 'text' or 'jsonl'")
     return streams
 
 
@@ -264,7 +276,8 @@ def build_all(cfg: dict, *, cache_heads: bool = True) -> dict:
 
     tasks = list(cfg["experts"])
     model, transform = build_model(cfg["model"])
-    tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"])
+    reader = getattr(model, "read_weights", None)  # a source's own folders (Hugging Face), else weight files
+    tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"], reader=reader)
     heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache" if cache_heads else None)
     streams = build_streams(cfg, transform)
     labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None

@@ -79,3 +79,5 @@ register_source("python", _python)
 register_source("tiny_vit", "adamerge.zoo.tiny:tiny_vit_source")
 register_source("tiny_cnn", "adamerge.zoo.tiny:tiny_cnn_source")
 register_source("efficientnet_lite0", "adamerge.zoo.backbone:backbone_source")
+# Hugging Face transformers folders (pip install -e ".[hf]"), imported only when a config names it
+register_source("hf", "adamerge.io.hf_models:hf_source")

@@ -92,6 +92,13 @@ def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:
     return _MergeTensor.apply(weights, tau, base)
 
 
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """Names under which a parameter appears a second time (tied weights: a language model's
+    ``lm_head.weight`` that is its input embedding) → the name it is merged under."""
+    first = {id(p): n for n, p in model.named_parameters()}
+    return {n: first[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != n}
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
     """A deep copy of ``model`` whose parameters and buffers are storage-free meta tensors."""
     memo: dict[int, object] = {}
@@ -149,8 +156,10 @@ class MergedModel(nn.Module):
 
         persistent = model.state_dict()
         param_names = [n for n, _ in model.named_parameters()]
+        # a tied weight is merged once, under its first name; functional_call ties the alias to it
+        self.tied: dict[str, str] = tied_aliases(model)
         self.merge_keys: list[str] = param_names
-        self.buffer_keys: list[str] = [k for k in persistent if k not in set(param_names)]
+        self.buffer_keys: list[str] = [k for k in persistent if k not in set(param_names) and k not in self.tied]
         self.extra_buffer_keys: list[str] = [
             n for n, _ in model.named_buffers() if n not in persistent
         ]
@@ -190,13 +199,16 @@ class MergedModel(nn.Module):
     def _check_keys(model: nn.Module, tv: TaskVectors) -> None:
         """The task vectors' base state fits ``model`` key for key and shape for shape."""
         sd = model.state_dict()
+        tied = tied_aliases(model)
         for key in sd:
-            if key not in tv.base:
+            if key not in tv.base and key not in tied:  # a tied alias may be absent (saved once)
                 raise InputError(f"model key '{key}' is missing from the task vectors' base state dict")
         for key in tv.base:
             if key not in sd:
                 raise InputError(f"task vectors hold key '{key}' that the model does not have")
         for key, value in sd.items():
+            if key in tied and key not in tv.base:
+                continue
             if tuple(value.shape) != tuple(tv.base[key].shape):
                 raise InputError(
                     f"key '{key}': model shape {tuple(value.shape)} != task-vector base shape"
@@ -463,6 +475,7 @@ class MergedModel(nn.Module):
         merged = self.merged_parameters()
         buffers = self.current_buffers()
         keys = [k for k in self._arch.state_dict()]
+        merged |= {alias: merged[name] for alias, name in self.tied.items()}  # tied weights: one tensor, every name
         return {k: (merged[k] if k in merged else buffers[k]).detach().clone() for k in keys}
 
     @torch.no_grad()

@@ -114,15 +114,19 @@ class TaskVectors:
         dtype: str | torch.dtype = torch.float32,
         prefix: str | None = None,
         keys: Iterable[str] | None = None,
+        reader: Callable[[str | Path], StateDict] | None = None,
     ) -> "TaskVectors":
-        """Load state-dict files (``.safetensors``; ``.pt/.bin`` with ``weights_only=True``)."""
+        """Load state-dict files (``.safetensors``; ``.pt/.bin`` with ``weights_only=True``), or
+        whatever ``reader(path)`` reads (a model source's own format, e.g. Hugging Face folders)."""
         from adamerge.io.state_dicts import load_state_dict
 
+        read = reader or (lambda path: load_state_dict(path, prefix=prefix))
+
         def loader(path: str | Path) -> Callable[[], StateDict]:
-            return lambda: load_state_dict(path, prefix=prefix)
+            return lambda: read(path)
 
         tv = cls._build(
-            load_state_dict(base, prefix=prefix),
+            read(base),
             ((name, loader(p), str(p)) for name, p in experts.items()),
             len(experts),
             dtype=dtype,

@@ -31,6 +31,10 @@ EXPORT_KINDS = ("merged", "t3")
 # holding anything else is not a previous export, and ``export --force`` refuses to replace it
 EXPORT_FILES = frozenset({"adamerge.json", "README.md", "model.safetensors", "heads.safetensors", "base.safetensors",
                           "task_vectors.safetensors", "task_masks.safetensors"})
+# what a Hugging Face export (``"format": "hf"`` in adamerge.json) adds: save_pretrained's files, the tokenizer's
+HF_EXPORT_FILE = re.compile(r"config\.json|generation_config\.json|preprocessor_config\.json|model\.safetensors(\.index\.json)?"
+                            r"|model-\d{5}-of-\d{5}\.safetensors|tokenizer(_config)?\.json|special_tokens_map\.json"
+                            r"|added_tokens\.json|vocab\.(json|txt)|merges\.txt|chat_template\.jinja|tokenizer\.model")
 _TMP_FILE = re.compile(r"\..+\.tmp")  # a temporary file of adamerge.io.files.atomic_path left by a crash
 _TASK_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9_.+-]{0,127}")  # as adamerge.config.TASK_NAME, not starting with '.'
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -46,10 +50,19 @@ def write_heads(folder: Path, heads: dict) -> None:
                             {"normalize": json.dumps({t: bool(getattr(h, "normalize", False)) for t, h in heads.items()})})
 
 
+def input_digest(path: str) -> str:
+    """sha256 of an input: a weight file's bytes, or a model folder's config and weights."""
+    if Path(path).is_dir():
+        from adamerge.io.hf_folders import folder_digest
+
+        return folder_digest(path)
+    return sha256_file(path)
+
+
 def export_metadata(cfg: dict, results: dict, kind: str = "merged") -> dict:
     """The common part of ``adamerge.json``: what was merged (inputs with sha256), how, and the scores."""
-    inputs = {"base": {"path": cfg["base"], "sha256": sha256_file(cfg["base"])}}
-    inputs["experts"] = {t: {"path": p, "sha256": sha256_file(p)} for t, p in cfg["experts"].items()}
+    inputs = {"base": {"path": cfg["base"], "sha256": input_digest(cfg["base"])}}
+    inputs["experts"] = {t: {"path": p, "sha256": input_digest(p)} for t, p in cfg["experts"].items()}
     model = dict(cfg["model"])
     checkpoint = model.get("checkpoint")
     if isinstance(checkpoint, str) and Path(checkpoint).is_file():
@@ -261,9 +274,11 @@ def previous_export_problem(folder: Path) -> str | None:
         return "its adamerge.json is not readable JSON"
     if not isinstance(meta, dict) or meta.get("kind", "merged") not in EXPORT_KINDS or not isinstance(meta.get("adamerge_version"), str):
         return "its adamerge.json was not written by adamerge export"
+    hf = meta.get("format") == "hf"
     for entry in sorted(folder.iterdir()):
         if entry.is_symlink() or not entry.is_file():
             return f"it holds '{entry.name}', which is not a file an export writes"
-        if entry.name not in EXPORT_FILES and not _TMP_FILE.fullmatch(entry.name):
+        if entry.name not in EXPORT_FILES and not _TMP_FILE.fullmatch(entry.name) \
+                and not (hf and HF_EXPORT_FILE.fullmatch(entry.name)):
             return f"it holds '{entry.name}', which export does not write"
     return None

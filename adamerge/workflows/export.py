@@ -83,7 +83,7 @@ def _input_paths(cfg: dict) -> list[tuple[str, Path]]:
         found.append((f"the head of '{t}'", spec.get("path") if isinstance(spec, dict) else spec))
     for section in ("data", "labeled"):
         for t, spec in (cfg.get(section) or {}).items():
-            for key in ("folder", "tensors"):
+            for key in ("folder", "tensors", "text", "jsonl"):
                 found.append((f"the {section} of '{t}'", spec.get(key) if isinstance(spec, dict) else spec))
     return [(what, Path(p).resolve()) for what, p in found if isinstance(p, str) and p]
 
@@ -154,6 +154,13 @@ def export_run(run_dir: str | Path, out: str | Path, force: bool = False, task_m
     try:
         if method.own_loop:
             what = method.export(tmp, run_dir, cfg, results)
+        elif cfg["model"].get("source") == "hf":  # a Hugging Face folder (save_pretrained)
+            if task_masks is not None:
+                raise InputError("--task-masks is not available for a Hugging Face export (model.source hf)")
+            from adamerge.workflows.export_hf import write_hf_export
+
+            merged, parts, cfg = load_run(run_dir)
+            what = write_hf_export(tmp, merged, parts["heads"], cfg, results)
         else:
             merged, parts, cfg = load_run(run_dir)
             write_export(tmp, merged, parts["heads"], cfg, results)
