@@ -15,6 +15,7 @@ images and heads, written as files to a temporary folder). Threads: 2 // R per r
 2-core machine (at least 1), so the ranks share the cores the one process had.
 
     python benchmarks/sharded_fit.py --cases demo_zoo,vitb32 --worlds 1,2,4 --json sharded.json
+    python benchmarks/sharded_fit.py --cases vitb32 --worlds 1,2 --strategies shard,ddp   # beside DDP
 """
 from __future__ import annotations
 
@@ -76,6 +77,9 @@ def _vitb32_files(folder: Path, spec: dict) -> dict:
     """A random ViT-B-32 visual tower, T random experts, heads and images, written as files."""
     import logging
 
+    from adamerge._compat import ensure_torchvision
+
+    ensure_torchvision()  # the CPU torch build's torchvision fix, before open_clip imports it
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -146,7 +150,7 @@ def _case_config(name: str, folder: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------ driver
-def run_case(name: str, worlds: list[int], work: Path, say=print) -> list[dict]:
+def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tuple[str, ...] = ("shard",)) -> list[dict]:
     import yaml
     from safetensors.torch import load_file
 
@@ -154,14 +158,16 @@ def run_case(name: str, worlds: list[int], work: Path, say=print) -> list[dict]:
     folder.mkdir(parents=True, exist_ok=True)
     cfg = _case_config(name, folder)
     rows, first = [], None
-    for world in worlds:
-        run, probes = folder / f"run_r{world}", folder / f"probes_r{world}"
+    runs = [(w, "single") for w in worlds if w == 1] + [(w, s) for w in worlds if w > 1 for s in strategies]
+    for world, strategy in runs:
+        tag = f"r{world}" + ("" if strategy in ("single", "shard") else f"_{strategy}")
+        run, probes = folder / f"run_{tag}", folder / f"probes_{tag}"
         probes.mkdir(exist_ok=True)
-        config = folder / f"config_r{world}.yaml"
+        config = folder / f"config_{tag}.yaml"
         config.write_text(yaml.safe_dump({**cfg, "run_dir": str(run)}))
         fit = ["fit", "--config", str(config), "--no-progress", "--devices", str(world)]
         if world > 1:
-            fit += ["--strategy", "shard"]
+            fit += ["--strategy", strategy]
         env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // world)), "PYTHONUNBUFFERED": "1"}
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(probes), "--", *fit],
@@ -174,7 +180,7 @@ def run_case(name: str, worlds: list[int], work: Path, say=print) -> list[dict]:
         results = json.loads((run / "results.json").read_text())
         steps = [s for r in ranks for s in r["step_s"][1:]]  # the first step is warm-up
         row = {
-            "case": name, "world": world, "threads_per_rank": max(1, 2 // world), "wall_s": time.perf_counter() - start,
+            "case": name, "world": world, "strategy": strategy, "threads_per_rank": max(1, 2 // world), "wall_s": time.perf_counter() - start,
             "task_vector_mib_per_rank": max(r["held_bytes"]["task_vectors"] for r in ranks) / 2**20,
             "build_peak_mib_per_rank": max(r["build_peak_mib"] for r in ranks),
             "held_after_shard_mib_per_rank": max(r["held_after_shard_mib"] for r in ranks),
@@ -189,10 +195,10 @@ def run_case(name: str, worlds: list[int], work: Path, say=print) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | R | threads/rank | task vectors per rank MiB | build peak per rank MiB | held after the cut MiB | training peak per rank MiB | s/step (median) | max abs coefficient diff vs R = 1 |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | R | strategy | threads/rank | task vectors per rank MiB | build peak per rank MiB | held after the cut MiB | training peak per rank MiB | s/step (median) | max abs coefficient diff vs R = 1 |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['world']} | {r['threads_per_rank']} | {r['task_vector_mib_per_rank']:.1f} | "
+        lines.append(f"| {r['case']} | {r['world']} | {r['strategy']} | {r['threads_per_rank']} | {r['task_vector_mib_per_rank']:.1f} | "
                      f"{r['build_peak_mib_per_rank']:.0f} | {r['held_after_shard_mib_per_rank']:.0f} | {r['train_peak_mib_per_rank']:.0f} | "
                      f"{r['step_s']:.2f} | {r['max_abs_coef_diff_vs_r1']:.1e} |")
     return "\n".join(lines)
@@ -209,13 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="demo_zoo,vitb32", help=f"comma-separated, from {list(CASES)}")
     p.add_argument("--worlds", default="1,2,4")
+    p.add_argument("--strategies", default="shard", help="for R > 1: shard (task vectors sharded), ddp (replicated), or both")
     p.add_argument("--json")
     p.add_argument("--work", help="folder for the cases' files and runs (default: a temporary folder)")
     args = p.parse_args(argv)
     worlds = [int(w) for w in args.worlds.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work or tmp)
-        rows = [row for case in args.cases.split(",") for row in run_case(case, worlds, work)]
+        strategies = tuple(args.strategies.split(","))
+        rows = [row for case in args.cases.split(",") for row in run_case(case, worlds, work, strategies=strategies)]
     print(table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
