@@ -61,6 +61,10 @@ def _worker(args: argparse.Namespace, fit_args: list[str]) -> int:
         now = time.perf_counter()
         record["step_s"].append(now - clock[0])
         clock[0] = now
+        if len(record["step_s"]) == 1 and self.merged.coefficients.grad is not None:  # the first step's gradient
+            import torch
+
+            torch.save(self.merged.coefficients.grad.detach().clone(), Path(args.out, f"grad0_rank{rank}.pt"))
         return batch_end(self, outputs, batch, batch_idx)
 
     def on_end(self):
@@ -157,7 +161,9 @@ def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tu
     folder = work / name
     folder.mkdir(parents=True, exist_ok=True)
     cfg = _case_config(name, folder)
-    rows, first = [], None
+    import torch
+
+    rows, first, first_grad = [], None, None
     runs = [(w, "single") for w in worlds if w == 1] + [(w, s) for w in worlds if w > 1 for s in strategies]
     for world, strategy in runs:
         tag = f"r{world}" + ("" if strategy in ("single", "shard") else f"_{strategy}")
@@ -177,6 +183,9 @@ def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tu
         ranks = [json.loads((probes / f"rank{r}.json").read_text()) for r in range(world)]
         coef = load_file(str(run / "coefficients.safetensors"))["coefficients"]
         first = coef if first is None else first
+        grad = torch.load(probes / "grad0_rank0.pt")
+        first_grad = grad if first_grad is None else first_grad
+        rel = (grad - first_grad).abs() / first_grad.abs().clamp_min(1e-30)
         results = json.loads((run / "results.json").read_text())
         steps = [s for r in ranks for s in r["step_s"][1:]]  # the first step is warm-up
         row = {
@@ -187,6 +196,13 @@ def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tu
             "train_peak_mib_per_rank": max(r["train_peak_mib"] for r in ranks),
             "step_s": statistics.median(steps) if steps else None,
             "max_abs_coef_diff_vs_r1": float((coef - first).abs().max()),
+            # the first step's coefficient gradient against R = 1's: relative difference (median,
+            # and at the largest), and the largest gradient whose sign differs (a near-zero one:
+            # Adam's first step turns any non-zero gradient into ±lr)
+            "grad0_rel_diff_median": float(rel.median()), "grad0_rel_diff_max": float(rel.max()),
+            "grad0_median_abs": float(first_grad.abs().median()),
+            "grad0_sign_flips": int((grad.sign() != first_grad.sign()).sum()),
+            "grad0_largest_flipped_abs": float(first_grad[grad.sign() != first_grad.sign()].abs().max()) if bool((grad.sign() != first_grad.sign()).any()) else 0.0,
             "sharding": results.get("sharding"),
         }
         say(json.dumps(row))
@@ -195,12 +211,13 @@ def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tu
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | R | strategy | threads/rank | task vectors per rank MiB | build peak per rank MiB | held after the cut MiB | training peak per rank MiB | s/step (median) | max abs coefficient diff vs R = 1 |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | R | strategy | threads/rank | task vectors per rank MiB | build peak per rank MiB | held after the cut MiB | training peak per rank MiB | s/step (median) | first step's gradient vs R = 1: median relative diff | sign flips (largest flipped abs gradient; median abs gradient) | max abs coefficient diff vs R = 1 after the run |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['case']} | {r['world']} | {r['strategy']} | {r['threads_per_rank']} | {r['task_vector_mib_per_rank']:.1f} | "
                      f"{r['build_peak_mib_per_rank']:.0f} | {r['held_after_shard_mib_per_rank']:.0f} | {r['train_peak_mib_per_rank']:.0f} | "
-                     f"{r['step_s']:.2f} | {r['max_abs_coef_diff_vs_r1']:.1e} |")
+                     f"{r['step_s']:.2f} | {r['grad0_rel_diff_median']:.1e} | {r['grad0_sign_flips']} ({r['grad0_largest_flipped_abs']:.1e}; {r['grad0_median_abs']:.1e}) | "
+                     f"{r['max_abs_coef_diff_vs_r1']:.1e} |")
     return "\n".join(lines)
 
 

@@ -119,5 +119,6 @@ def test_sharded_fit_benchmark_runs_on_the_tiny_zoo(tmp_path, capsys):
     assert two["task_vector_mib_per_rank"] == pytest.approx(one["task_vector_mib_per_rank"] / 2, rel=0.01)
     assert two["sharding"]["task_vector_bytes_per_rank"] * 2 == pytest.approx(two["sharding"]["task_vector_bytes"], rel=0.01)
     assert two["max_abs_coef_diff_vs_r1"] < 1e-5
+    assert two["grad0_rel_diff_median"] < 1e-5 and two["grad0_sign_flips"] == 0 and one["grad0_rel_diff_max"] == 0
     assert all(r["step_s"] > 0 and r["train_peak_mib_per_rank"] > 0 for r in (one, two))
     assert "| tiny | 2 | shard | 1 |" in capsys.readouterr().out

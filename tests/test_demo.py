@@ -69,11 +69,11 @@ def test_demo_writes_results_plots_and_export(demo_out):
     tasks = results["tasks"]
     assert len(tasks) >= 3
     methods = results["methods"]
-    for name in ("experts", "pretrained+heads", "weight_average", "task_arithmetic(lam=0.3)", "ties(lam=0.5)",
-                 "adamerging(task)", "adamerging(layer)", "adamerging(block)", "adamerging++(layer)",
-                 "adamerging(layer,infomax,floor=0.9,pgd-simplex)", "adamerging(layer,infomax,floor=0.9,fw-simplex)",
-                 "doge", "adamerging(layer,expert_distill)"):
+    from adamerge.workflows.demo import QUICK_ROWS
+
+    for name in ("experts", "pretrained+heads", "weight_average", "task_arithmetic(lam=0.3)", "ties(lam=0.5)", *QUICK_ROWS):
         assert name in methods, name
+    assert {"adamerging(task)", "adamerging(layer)", results["recommended"], "doge"} <= set(QUICK_ROWS)
     for name, r in methods.items():
         assert r["kind"] in ("reference", "data_free", "learned")
         assert isinstance(r["uses_labels"], bool)
