@@ -206,6 +206,7 @@ def ours_worker(spec: dict, out: str) -> dict:
         stamps: list = []
 
         def on_train_start(self, trainer, pl_module):
+            self.build_peak = rss_mb("VmHWM")  # imports, the harness's experts, the build
             self.reset = reset_peak()
             self.start_rss = rss_mb()
 
@@ -223,6 +224,7 @@ def ours_worker(spec: dict, out: str) -> dict:
     steps = [b - a for a, b in zip(clock.stamps, clock.stamps[1:])]
     return record | {"side": "ours", "steps_s": steps, "step_s": statistics.median(steps[spec["warmup"]:]),
                      "start_rss_mb": clock.start_rss, "peak_mb": clock.peak, "peak_reset": clock.reset,
+                     "build_peak_mb": clock.build_peak, "micro_batch": results.get("micro_batch"),
                      "options": results["options"]}
 
 
@@ -259,6 +261,7 @@ def peer_worker(spec: dict, out: str) -> dict:
         stamps: list = []
 
         def on_test_time_adaptation_start(self):
+            self.build_peak = rss_mb("VmHWM")  # imports, the harness's experts, the build
             self.reset = reset_peak()
             self.start_rss = rss_mb()
 
@@ -301,7 +304,8 @@ def peer_worker(spec: dict, out: str) -> dict:
     peak = rss_mb("VmHWM")
     steps = [b - a for a, b in zip(algo.stamps, algo.stamps[1:] + [end])]
     record |= {"side": "peer", "steps_s": steps, "step_s": statistics.median(steps[spec["warmup"]:]),
-               "train_s": end - start, "start_rss_mb": algo.start_rss, "peak_mb": peak, "peak_reset": algo.reset}
+               "train_s": end - start, "start_rss_mb": algo.start_rss, "peak_mb": peak, "peak_reset": algo.reset,
+               "build_peak_mb": algo.build_peak}
     if not timing:  # the final merged weights, for the driver to score
         from safetensors.torch import save_file
 
@@ -381,7 +385,8 @@ def compare(spec: dict, args, work: Path, say) -> dict:
             tol = rounds["ours"][0]["weight_tolerance"]
             if diff > tol:
                 raise SystemExit(f"[{spec['name']}] the sides merge differently: max abs diff {diff:.3g} > {tol:.3g}")
-    med = {s: {k: statistics.median(r[k] for r in rounds[s]) for k in ("step_s", "peak_mb", "start_rss_mb")} for s in rounds}
+    med = {s: {k: statistics.median(r[k] for r in rounds[s]) for k in ("step_s", "peak_mb", "start_rss_mb", "build_peak_mb")}
+           for s in rounds}
     ratios = [p["step_s"] / o["step_s"] for o, p in zip(rounds["ours"], rounds["peer"])]
     mem = [o["peak_mb"] / p["peak_mb"] for o, p in zip(rounds["ours"], rounds["peer"])]
     return {"ours_step_s": med["ours"]["step_s"], "peer_step_s": med["peer"]["step_s"],
@@ -389,6 +394,10 @@ def compare(spec: dict, args, work: Path, say) -> dict:
             "ours_peak_mb": med["ours"]["peak_mb"], "peer_peak_mb": med["peer"]["peak_mb"],
             "memory_ratio": statistics.median(mem), "memory_ratio_range": [min(mem), max(mem)],
             "ours_start_mb": med["ours"]["start_rss_mb"], "peer_start_mb": med["peer"]["start_rss_mb"],
+            # the high-water mark before training (imports, the harness's generated experts, each
+            # side's build), apart from the training peak above (reset when training starts)
+            "ours_build_peak_mb": med["ours"]["build_peak_mb"], "peer_build_peak_mb": med["peer"]["build_peak_mb"],
+            "ours_micro_batch": rounds["ours"][0].get("micro_batch"),
             "max_abs_weight_diff": diff, "weight_tolerance": tol, "step0_loss": {"ours": loss[0], "peer": loss[1]},
             "tasks": spec["tasks"], "batch_per_task": spec["batch"], "timed_steps": spec["timed"],
             "rounds": args.rounds, "ours_options": rounds["ours"][0]["options"]}
@@ -607,12 +616,13 @@ def _machine() -> str:
 
 def _print_table(cases: dict) -> None:
     cols = ["case", "T", "ours s/step", "peer s/step", "speedup (peer/ours)", "ours peak MiB", "peer peak MiB",
-            "memory (ours/peer)", "max |Δw|"]
+            "memory (ours/peer)", "build peak MiB (ours/peer)", "max |Δw|"]
     print(" | ".join(cols))
     for name, c in cases.items():
         print(" | ".join([name, str(c["tasks"]), f"{c['ours_step_s']:.3f}", f"{c['peer_step_s']:.3f}",
                           f"{c['speedup']:.3f}", f"{c['ours_peak_mb']:.0f}", f"{c['peer_peak_mb']:.0f}",
-                          f"{c['memory_ratio']:.3f}", f"{c['max_abs_weight_diff']:.2g}"]))
+                          f"{c['memory_ratio']:.3f}", f"{c['ours_build_peak_mb']:.0f}/{c['peer_build_peak_mb']:.0f}",
+                          f"{c['max_abs_weight_diff']:.2g}"]))
 
 
 if __name__ == "__main__":

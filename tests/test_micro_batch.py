@@ -130,3 +130,46 @@ def test_every_data_solver_trains_the_same_with_micro_batch(tiny_zoo_dir, tmp_pa
         assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
         coef[micro] = load_file(str(tmp_path / str(micro) / "run" / "coefficients.safetensors"))["coefficients"]
     assert torch.allclose(coef[True], coef[False], atol=1e-4), solver
+
+
+def test_auto_chunk_measures_the_activations_of_one_more_sample():
+    """A Linear(100, 50) + tanh saves, per sample, its input row (100 floats) and its output row
+    (50 floats): 600 bytes; the weights, saved alike for 1 and 2 samples, cancel. A batch of 16
+    under a 1200-byte budget is cut into 8 equal chunks of 2; 5 samples under 1300 bytes, into 3
+    chunks of at most 2."""
+    from adamerge.train.loop import auto_chunk, chunk_size
+
+    layer = torch.nn.Linear(100, 50)
+    chunking = auto_chunk(lambda x: torch.tanh(layer(x)), torch.randn(16, 100), budget=1200)
+    assert chunking == {"bytes_per_sample": 600, "budget_bytes": 1200}
+    assert chunk_size(chunking, 16) == 2 and chunk_size(chunking, 2) == 2
+    assert chunk_size({"bytes_per_sample": 600, "budget_bytes": 1300}, 5) == 2
+    assert chunk_size({"bytes_per_sample": 600, "budget_bytes": 10**9}, 16) == 16
+
+
+def test_micro_batch_auto_chunks_sample_means_and_keeps_the_coefficients(tiny_zoo_dir, tmp_path, monkeypatch):
+    """The default (auto): with the floor lowered so that the tiny model's activations exceed the
+    budget, each task's batch is cut into chunks, results.json says how, and the coefficients are
+    those of the whole-batch path; infomax (a batch statistic) is never cut."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import adamerge.train.loop as loop
+    from adamerge.cli import main
+    from helpers import write_config
+
+    monkeypatch.setattr(loop, "AUTO_CHUNK_FLOOR", 0)  # the budget is the merged weights' size
+    coef, res = {}, {}
+    for name, opts in {"auto": {"options.objective": "entropy"},
+                       "whole": {"options.objective": "entropy", "options.micro_batch": True},
+                       "infomax": {"options.objective": "infomax"}}.items():
+        cfg = write_config(tmp_path / name, tiny_zoo_dir, **{"options.steps": 6, **opts})
+        assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+        coef[name] = load_file(str(tmp_path / name / "run" / "coefficients.safetensors"))["coefficients"]
+        res[name] = json.loads((tmp_path / name / "run" / "results.json").read_text())
+    chosen = res["auto"]["micro_batch"]
+    assert res["auto"]["options"]["micro_batch"] == "auto" and 1 <= chosen["chunk"] < chosen["batch_size"] == 16
+    assert chosen["chunk"] == loop.chunk_size(chosen, 16) and chosen["bytes_per_sample"] * chosen["chunk"] <= chosen["budget_bytes"]
+    assert torch.allclose(coef["auto"], coef["whole"], atol=1e-5)
+    assert "micro_batch" not in res["whole"] and "micro_batch" not in res["infomax"]

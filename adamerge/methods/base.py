@@ -87,11 +87,13 @@ class MethodConfig:
     # the mean loss over the last W steps is less than d (relative) below the mean of the W before
     early_stop: dict | None = None
     batch_size: int = 16
-    # true: each task's forward + backward alone against the merged weights, then ONE backward
-    # through the merge (one task's activations alive; benchmarks/README.md has the trade);
-    # N: the same in chunks of at most N samples (objectives that average over samples only);
-    # false: one batched forward over every task (for wide GPUs with memory to spare)
-    micro_batch: bool | int = True
+    # auto (default): each task's forward + backward alone against the merged weights, then ONE
+    # backward through the merge, in chunks chosen from a measurement (see
+    # adamerge.train.loop.auto_chunk: a chunk's activations stay under the larger of 64 MiB and
+    # the merged weights' size; objectives that average over samples only, others one task at a
+    # time); true: one task at a time, whole; N: chunks of at most N samples (sample means
+    # only); false: one batched forward over every task (for wide GPUs with memory to spare)
+    micro_batch: bool | int | str = "auto"
     ties_density: float | None = None
     preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"
@@ -141,11 +143,13 @@ class MethodConfig:
             self.early_stop["min_delta"] = check_float("early_stop.min_delta", self.early_stop["min_delta"], low=0)
         if isinstance(self.micro_batch, str) and self.micro_batch.strip().lower() in ("true", "false"):
             self.micro_batch = check_bool("micro_batch", self.micro_batch)
-        if not isinstance(self.micro_batch, bool):
+        if isinstance(self.micro_batch, str) and self.micro_batch.strip().lower() == "auto":
+            self.micro_batch = "auto"
+        elif not isinstance(self.micro_batch, bool):
             try:
                 self.micro_batch = check_int("micro_batch", self.micro_batch, low=1)
             except InputError:
-                raise InputError(f"option 'micro_batch' must be true, false or a number of samples >= 1, got {self.micro_batch!r}") from None
+                raise InputError(f"option 'micro_batch' must be auto, true, false or a number of samples >= 1, got {self.micro_batch!r}") from None
         if self.constraint not in CONSTRAINTS:
             raise InputError(f"option 'constraint' must be one of {list(CONSTRAINTS)}, got {self.constraint!r}{did_you_mean(self.constraint, list(CONSTRAINTS))}")
         if not (isinstance(self.bounds, (list, tuple)) and len(self.bounds) == 2):
@@ -166,7 +170,7 @@ class MethodConfig:
             if not isinstance(getattr(self, name), dict):
                 raise InputError(f"option '{name}' must be a mapping, got {getattr(self, name)!r}")
         self.objective_args = check_objective_args(self.objective, self.objective_args)
-        if self.micro_batch is not True and self.micro_batch is not False:
+        if not (isinstance(self.micro_batch, bool) or self.micro_batch == "auto"):
             from adamerge.train.objectives import averages_over_samples
 
             if not averages_over_samples(self.objective, self.objective_args):

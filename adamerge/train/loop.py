@@ -30,7 +30,7 @@ from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.train.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
 from adamerge.core.merged import MergedModel
 from adamerge.methods import MethodConfig
-from adamerge.train.objectives import get_objective, target_kind
+from adamerge.train.objectives import averages_over_samples, get_objective, target_kind
 from adamerge.train.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
 from adamerge.core.task_vectors import TaskVectors
 
@@ -50,6 +50,43 @@ class _InjectGradients(torch.autograd.Function):
         grads, ctx.grads = ctx.grads, None
         scale = None if float(upstream) == 1.0 else upstream
         return (None, *(g if scale is None else g * scale.to(g.dtype) for g in grads))
+
+
+AUTO_CHUNK_FLOOR = 64 * 2**20
+"""``micro_batch: auto``: a chunk's activations may use the larger of this and the merged weights' size."""
+
+
+@torch.no_grad()
+def _saved_bytes(forward: Callable[[Tensor], Tensor], x: Tensor) -> int:
+    """Bytes of the tensors autograd saves for the backward of ``forward(x)`` (each storage once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward(x)
+    return sum(seen.values())
+
+
+def auto_chunk(forward: Callable[[Tensor], Tensor], x: Tensor, budget: int) -> dict:
+    """``micro_batch: auto``: measure the activations one more sample adds (what autograd saves
+    for 2 samples minus for 1: the weights, saved alike, cancel) and keep it with the budget. A
+    task's batch is then cut into as few equal chunks as keep each under the budget."""
+    n = min(2, x.shape[0])
+    one = _saved_bytes(forward, x[:1].clone())  # copies: a slice would count the whole batch's storage
+    per_sample = max(1, _saved_bytes(forward, x[:n].clone()) - one) if n == 2 else one
+    return {"bytes_per_sample": int(per_sample), "budget_bytes": int(budget)}
+
+
+def chunk_size(chunking: Mapping[str, int], batch: int) -> int:
+    """Samples per chunk for a batch of ``batch``: equal chunks, as few as keep each chunk's
+    activations under the budget."""
+    largest = max(1, chunking["budget_bytes"] // chunking["bytes_per_sample"])
+    chunks = -(-batch // largest)
+    return -(-batch // chunks)
 
 
 class MergeModule(L.LightningModule):
@@ -92,6 +129,7 @@ class MergeModule(L.LightningModule):
         self.regularizer = regularizer  # e.g. a mask-density penalty: merged -> (scalar, logs)
         self._batch_n = 1
         self.shard_task_vectors = False  # trainer.strategy: shard (see setup)
+        self.chunking: dict | None = None  # options.micro_batch: auto, measured at the first step
 
     def setup(self, stage: str) -> None:
         """``trainer.strategy: shard``: once the processes are connected, and before the module is
@@ -184,11 +222,11 @@ class MergeModule(L.LightningModule):
         theta = self.merged.merged_parameters()
         grad = torch.is_grad_enabled()
         leaves = {k: v.detach().requires_grad_(grad) for k, v in theta.items()}
-        chunk = None if self.cfg.micro_batch is True else int(self.cfg.micro_batch)
         values: dict[str, Tensor] = {}
         with self.merged.fixed_parameters(leaves):
             for n, x in inputs.items():
                 size = x.shape[0]
+                chunk = self._chunk(n, x, leaves)
                 for lo in range(0, size, chunk or size):
                     part = slice(lo, min(size, lo + (chunk or size)))
                     one = StepBatch({n: x[part]}, {n: index[n][part]}) if index is not None else {n: x[part]}
@@ -206,6 +244,23 @@ class MergeModule(L.LightningModule):
         # each task's exact value; the first entry also carries the whole gradient (value + 0)
         first = next(iter(values))
         return {n: v + carrier.to(v.dtype) if n == first else v for n, v in values.items()}
+
+    def _chunk(self, task: str, x: Tensor, leaves: Mapping[str, Tensor]) -> int | None:
+        """The samples per chunk of one task's micro-batch (``None``: the task's batch whole)."""
+        mb = self.cfg.micro_batch
+        if mb is True or (mb == "auto" and not averages_over_samples(self.cfg.objective, self.cfg.objective_args)):
+            return None
+        if mb != "auto":
+            return int(mb)
+        if self.chunking is None:  # measured once, on the first task's first samples, with gradients
+            if not torch.is_grad_enabled():
+                return None
+            budget = max(AUTO_CHUNK_FLOOR, sum(v.numel() * v.element_size() for v in leaves.values()))
+            self.chunking = auto_chunk(lambda inp: self._probe_forward(task, inp), x, budget)
+        return chunk_size(self.chunking, x.shape[0])
+
+    def _probe_forward(self, task: str, x: Tensor) -> Tensor:
+        return self.heads[task](self.merged(images_layout(x)))
 
     def log_step(self, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
         """Per-task losses, the total and coefficient statistics (before this step's update)."""
@@ -432,6 +487,9 @@ def run_plan(plan) -> dict:
         "stopped_early": next((mod.stop_reason for mod in modules if mod.stop_reason), None),
         **m.results(merged, cfg),
     }
+    chunking = next((mod.chunking for mod in modules if mod.chunking), None)
+    if chunking is not None:  # micro_batch: auto's measured choice
+        results["micro_batch"] = {**chunking, "chunk": chunk_size(chunking, cfg.batch_size), "batch_size": cfg.batch_size}
     if merged.is_sharded:  # what each rank held: its shard of the base and the task vectors
         results["sharding"] = {"strategy": SHARD_STRATEGY, **merged.shard_summary()}
     if before is not None and after is not None:
