@@ -182,13 +182,13 @@ def ours_worker(spec: dict, out: str) -> dict:
                "batch_size": spec["batch"], "steps": spec["warmup"] + spec["timed"],
                "constraint": "box" if spec.get("clamp", True) else "none", **spec.get("options", {})}
     options = {k: v for k, v in options.items() if v is not None}
-    tv = TaskVectors.from_state_dicts(case["base"], dict(zip(names, case["experts"])), dtype=spec.get("storage_dtype", "float32"))
+    tv = TaskVectors.from_state_dicts(case["base"], _handed_over(names, case), dtype=spec.get("storage_dtype", "float32"))
     # bfloat16 task vectors round each τ by at most 2^-8 relative: the merge may then differ from
     # the peer's float32 one by up to Σ_t λ·max|τ_t|·2^-8 (λ = 0.3)
     tolerance = 1e-6 + (0.0 if tv.dtype == torch.float32 else
                         sum(0.3 * max(float(v[t].float().abs().max()) for v in tv.vectors.values()) * 2**-8 for t in range(len(names))))
     model = case["model"].to("meta")  # the architecture only: the weights live in the task vectors
-    del case["experts"], case["base"]
+    del case["base"]
     heads = {n: LinearHead(h["weight"], h.get("bias")) for n, h in zip(names, case["heads"])}
     streams = [stream_from_tensors(n, *case["streams"][n]) for n in names]
     record: dict = {}
@@ -226,6 +226,22 @@ def ours_worker(spec: dict, out: str) -> dict:
                      "start_rss_mb": clock.start_rss, "peak_mb": clock.peak, "peak_reset": clock.reset,
                      "build_peak_mb": clock.build_peak, "micro_batch": results.get("micro_batch"),
                      "options": results["options"]}
+
+
+class _handed_over:
+    """The harness's experts, each dropped by the harness as the build takes it (as the peer's
+    side pops each one into its model): one generated expert alive at a time, as when reading files."""
+
+    def __init__(self, names: list[str], case: dict) -> None:
+        self.names, self.case = names, case
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def items(self):
+        experts = self.case.pop("experts")
+        for name in self.names:
+            yield name, experts.pop(0)
 
 
 # ------------------------------------------------------------------------------ the peer

@@ -148,7 +148,7 @@ def test_auto_chunk_measures_the_activations_of_one_more_sample():
 
 
 def test_micro_batch_auto_chunks_sample_means_and_keeps_the_coefficients(tiny_zoo_dir, tmp_path, monkeypatch):
-    """The default (auto): with the floor lowered so that the tiny model's activations exceed the
+    """``micro_batch: auto``: with the floor lowered so that the tiny model's activations exceed the
     budget, each task's batch is cut into chunks, results.json says how, and the coefficients are
     those of the whole-batch path; infomax (a batch statistic) is never cut."""
     import json
@@ -161,9 +161,9 @@ def test_micro_batch_auto_chunks_sample_means_and_keeps_the_coefficients(tiny_zo
 
     monkeypatch.setattr(loop, "AUTO_CHUNK_FLOOR", 0)  # the budget is the merged weights' size
     coef, res = {}, {}
-    for name, opts in {"auto": {"options.objective": "entropy"},
+    for name, opts in {"auto": {"options.objective": "entropy", "options.micro_batch": "auto"},
                        "whole": {"options.objective": "entropy", "options.micro_batch": True},
-                       "infomax": {"options.objective": "infomax"}}.items():
+                       "infomax": {"options.objective": "infomax", "options.micro_batch": "auto"}}.items():
         cfg = write_config(tmp_path / name, tiny_zoo_dir, **{"options.steps": 6, **opts})
         assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
         coef[name] = load_file(str(tmp_path / name / "run" / "coefficients.safetensors"))["coefficients"]

@@ -87,13 +87,14 @@ class MethodConfig:
     # the mean loss over the last W steps is less than d (relative) below the mean of the W before
     early_stop: dict | None = None
     batch_size: int = 16
-    # auto (default): each task's forward + backward alone against the merged weights, then ONE
-    # backward through the merge, in chunks chosen from a measurement (see
-    # adamerge.train.loop.auto_chunk: a chunk's activations stay under the larger of 64 MiB and
-    # the merged weights' size; objectives that average over samples only, others one task at a
-    # time); true: one task at a time, whole; N: chunks of at most N samples (sample means
-    # only); false: one batched forward over every task (for wide GPUs with memory to spare)
-    micro_batch: bool | int | str = "auto"
+    # true (default): each task's forward + backward alone against the merged weights, then ONE
+    # backward through the merge (one task's activations alive); auto: the same, each task's batch
+    # cut into chunks chosen from a measurement (adamerge.train.loop.auto_chunk: a chunk's
+    # activations stay under the larger of 64 MiB and the merged weights' size; objectives that
+    # average over samples only) -- on this CPU it cost 17-25% of the step time for 5-7% of the
+    # peak (docs/performance.md), so it is not the default; N: chunks of at most N samples (sample
+    # means only); false: one batched forward over every task (wide GPUs with memory to spare)
+    micro_batch: bool | int | str = True
     ties_density: float | None = None
     preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"
