@@ -170,7 +170,10 @@ class TaskVectors:
                 vectors[k][t] = (sd[k].to(torch.float64) - base[k].to(torch.float64)).to(dtype)
             names.append(name)
             del sd
-        release_freed_memory()  # the experts' tensors and temporaries: back to the OS
+            # this expert's tensors and temporaries go back to the OS now, not after the last
+            # expert: glibc keeps freed heap pages resident, and the stack's large blocks cannot
+            # reuse them, so the build would otherwise peak at every expert read plus the stack
+            release_freed_memory()
         return cls(base, vectors, names)
 
     # ------------------------------------------------------------------ views
