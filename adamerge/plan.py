@@ -26,6 +26,7 @@ from typing import Any
 from torch import nn
 
 from adamerge.config import DEFAULTS, build_all, check_labels, check_tasks, load_config, resolve_config
+from adamerge.core.sharding import SHARD_STRATEGY
 from adamerge.errors import InputError
 from adamerge.io.files import check_folder_path
 from adamerge.methods import MethodConfig, create_method
@@ -162,7 +163,7 @@ class RunPlan:
                              " labeled split (config 'labeled:'); the scored streams are never trained on with labels")
         if self._once("settings"):
             _check_settings(cfg)
-        if self.fitting and cfg["trainer"].get("strategy") == "shard" and self._once("shard_strategy"):
+        if self.fitting and cfg["trainer"].get("strategy") == SHARD_STRATEGY and self._once("shard_strategy"):
             self._check_shard_strategy()
         self._check_task_names()
         if self.resume is not None:  # None: decided later (an ablation cell), checked by fit()
@@ -183,7 +184,7 @@ class RunPlan:
         elif str(self.options.granularity).startswith("partition"):
             why = f"granularity '{self.options.granularity}' splits tensors; use task, block or layer"
         if why:
-            raise InputError(f"trainer.strategy shard (task vectors sharded across processes): {why}")
+            raise InputError(f"trainer.strategy {SHARD_STRATEGY} (task vectors sharded across processes): {why}")
 
     @property
     def owns_parts(self) -> bool:

@@ -570,7 +570,7 @@ def _parse(argv=None):
     p.add_argument("--timed", type=int, default=None, help="override the cases' timed steps")
     p.add_argument("--peer-python", default=os.environ.get("FUSIONBENCH_PYTHON", str(REPO / ".venv-fusionbench" / "bin" / "python")))
     p.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--micro-batch", default=None, help="adamerge's options.micro_batch (default: the library's default)")
+    p.add_argument("--micro-batch", default=None, help="adamerge's options.micro_batch: true, false, auto or N (default: the library's default)")
     p.add_argument("--time-to-accuracy", action="store_true", help="the demo-zoo race to FusionBench's default accuracy")
     p.add_argument("--peer-steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=5)
@@ -586,7 +586,7 @@ def _parse(argv=None):
     args = p.parse_args(argv)
     if args.micro_batch is not None:
         mb = args.micro_batch.lower()
-        args.micro_batch = True if mb == "true" else False if mb == "false" else int(mb)
+        args.micro_batch = True if mb == "true" else False if mb == "false" else "auto" if mb == "auto" else int(mb)
     return args
 
 

@@ -27,6 +27,9 @@ from torch import Tensor
 
 from adamerge.errors import InputError
 
+SHARD_STRATEGY = "shard"
+"""``trainer.strategy: shard``: DDP processes, each holding 1/R of the task vectors (by parameter)."""
+
 
 @dataclass(frozen=True)
 class FlatLayout:

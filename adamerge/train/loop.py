@@ -29,6 +29,7 @@ from adamerge.train.data import StepBatch, StepBatches, TaskStream, images_layou
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.train.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
 from adamerge.core.merged import MergedModel
+from adamerge.core.sharding import SHARD_STRATEGY
 from adamerge.methods import MethodConfig
 from adamerge.train.objectives import averages_over_samples, get_objective, target_kind
 from adamerge.train.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
@@ -538,8 +539,6 @@ def _quiet_lightning() -> None:
 
 _EXTRA_CALLBACKS: list = []
 
-SHARD_STRATEGY = "shard"
-"""``trainer.strategy: shard``: DDP processes, each holding 1/R of the task vectors (by parameter)."""
 
 
 @contextlib.contextmanager
