@@ -540,7 +540,6 @@ def _quiet_lightning() -> None:
 _EXTRA_CALLBACKS: list = []
 
 
-
 @contextlib.contextmanager
 def extra_trainer_callbacks(*callbacks) -> Iterator[None]:
     """Add Lightning callbacks to every trainer ``fit`` builds inside the block (e.g. a tuning
