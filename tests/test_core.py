@@ -721,3 +721,22 @@ def test_error_model_keys_do_not_match_task_vectors(make_zoo):
     bad_experts = {n: {**sd, "proj": torch.zeros(32, 8)} for n, sd in vexperts.items()}
     with pytest.raises(InputError, match=r"proj.*\(32, 16\).*\(32, 8\)"):
         MergedModel(vit, TaskVectors.from_state_dicts(bad_base, bad_experts))
+
+
+def test_images_go_channels_last_for_convolutional_networks_only():
+    """A CNN (two or more Conv2d, e.g. EfficientNet) gets channels-last images; a ViT (one patch
+    convolution) keeps the contiguous layout, also through a MergedModel's architecture."""
+    from adamerge.train.data import images_layout, prefers_channels_last
+    from adamerge.zoo.tiny import tiny_vit
+
+    x = torch.randn(2, 3, 8, 8)
+    cnn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3))
+    vit = tiny_vit(0)
+    assert prefers_channels_last(cnn) and not prefers_channels_last(vit)
+    assert images_layout(x, cnn).is_contiguous(memory_format=torch.channels_last)
+    assert not images_layout(x, cnn).is_contiguous()
+    assert images_layout(x, vit) is x
+    base = {k: v.detach().clone() for k, v in cnn.state_dict().items()}
+    tv = TaskVectors.from_state_dicts(base, {t: {k: v + 0.1 for k, v in base.items()} for t in ("a", "b")})
+    assert prefers_channels_last(MergedModel(cnn, tv, "layer"))
+    assert images_layout(torch.randn(2, 5), cnn).dim() == 2  # not images: unchanged

@@ -137,7 +137,7 @@ class TestTimeMerger(nn.Module):
         """JS(p_0 ‖ p_j) per input and expert, ``[N, T]`` (one pass of T + 1 parameter sets)."""
         T = self.merged.num_tasks
         sets = torch.cat([torch.zeros(1, T), torch.eye(T)]).unsqueeze(-1)  # pretrained, then experts
-        feats = self.merged.forward_many(sets, images_layout(x))  # [T + 1, N, F]
+        feats = self.merged.forward_many(sets, images_layout(x, self.merged))  # [T + 1, N, F]
         probs = torch.softmax(self.heads[task](feats).float(), dim=-1)
         return js_divergence(probs[:1], probs[1:], self.opts.log_base).t()
 
@@ -150,7 +150,7 @@ class TestTimeMerger(nn.Module):
         coef = t3_coefficients(d, self.opts)
         if self.opts.per == "batch":
             one = coef.mean(0) if self.opts.aggregate == "mean_lambda" else t3_coefficients(d.mean(0), self.opts)
-            feats = self.merged.forward_many(one[None, :, None], images_layout(x))[0]
+            feats = self.merged.forward_many(one[None, :, None], images_layout(x, self.merged))[0]
             coef = one.expand_as(coef)
         else:
             parts = []

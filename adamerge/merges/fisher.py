@@ -104,7 +104,7 @@ def estimate_fishers(model: nn.Module, tv, heads: Mapping[str, nn.Module] | None
         expert.load_state_dict(state)
         stream = by_name[task]
         idx = torch.randperm(len(stream), generator=gen)[: options.samples]
-        x = images_layout(stream.inputs(idx)).to(dtype)
+        x = images_layout(stream.inputs(idx), expert).to(dtype)
         f = diagonal_fisher(expert, heads[task], x, keys, options.mode, gen, options.chunk)
         for k in keys:
             fishers[k].append(f[k])

@@ -332,7 +332,7 @@ class FWMerging(Method):
         kind = target_kind(cfg.objective)
 
         def task_loss(leaves: dict, task: str, x: Tensor, index: Tensor) -> Tensor:
-            logits = ctx.heads[task](functional_call(arch, {**leaves, **buffers}, (images_layout(x),)))
+            logits = ctx.heads[task](functional_call(arch, {**leaves, **buffers}, (images_layout(x, arch),)))
             if kind in ("experts", "labels"):
                 target = data.targets[task][index]
                 return objective(logits, targets=target) if kind == "experts" else objective(logits, target)

@@ -36,7 +36,7 @@ def evaluate(
         correct = 0
         for lo in range(0, len(s), batch_size):
             idx = torch.arange(lo, min(lo + batch_size, len(s)))
-            logits = heads[s.name](backbone(images_layout(s.inputs(idx))))
+            logits = heads[s.name](backbone(images_layout(s.inputs(idx), backbone)))
             correct += int((logits.argmax(-1) == labels[s.name][idx]).sum())
         per_task[s.name] = correct / len(s)
     backbone.train(was_training)

@@ -78,7 +78,7 @@ def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str | None, h
     out = []
     for lo in range(0, len(stream), batch_size):
         idx = torch.arange(lo, min(lo + batch_size, len(stream)))
-        out.append(head(expert(images_layout(stream.inputs(idx)))).float())
+        out.append(head(expert(images_layout(stream.inputs(idx), expert))).float())
     return torch.cat(out)
 
 

@@ -167,9 +167,9 @@ class MergeModule(L.LightningModule):
             strong = strong_view(x.cpu(), gen, **self.view).to(x.device)
             if kind == "views":
                 with torch.no_grad():
-                    weak = self.merged(images_layout(x)).split(sizes)
+                    weak = self.merged(images_layout(x, self.merged)).split(sizes)
             x = strong
-        features = self.merged(images_layout(x)).split(sizes)
+        features = self.merged(images_layout(x, self.merged)).split(sizes)
         out = {}
         for k, (n, f) in enumerate(zip(names, features)):
             logits = self.heads[n](f)
@@ -261,7 +261,7 @@ class MergeModule(L.LightningModule):
         return chunk_size(self.chunking, x.shape[0])
 
     def _probe_forward(self, task: str, x: Tensor) -> Tensor:
-        return self.heads[task](self.merged(images_layout(x)))
+        return self.heads[task](self.merged(images_layout(x, self.merged)))
 
     def log_step(self, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
         """Per-task losses, the total and coefficient statistics (before this step's update)."""

@@ -270,7 +270,7 @@ def load_export(folder: str | Path, task: str | None = None, trust_code: bool = 
 
     @torch.no_grad()
     def logits(x: Tensor, t: str) -> Tensor:
-        features = model(images_layout(cast(x)))
+        features = model(images_layout(cast(x), model))
         width = heads[t].weight.shape[1]
         if features.dim() != 2 or features.shape[-1] != width:
             raise InputError(f"the head of '{t}' in {folder}/heads.safetensors takes {width} features, the model gives"

@@ -348,7 +348,7 @@ def objective_score(backbone: torch.nn.Module, heads: dict, streams: Sequence, o
         total = 0.0
         for lo in range(0, len(s), batch_size):
             idx = torch.arange(lo, min(lo + batch_size, len(s)))
-            logits = heads[s.name](backbone(images_layout(s.inputs(idx))))
+            logits = heads[s.name](backbone(images_layout(s.inputs(idx), backbone)))
             total += float(fn(logits)) * len(idx)
         values.append(total / len(s))
     backbone.train(was_training)
