@@ -31,7 +31,7 @@ from adamerge.errors import InputError
 from adamerge.io.files import check_folder_path
 from adamerge.methods import MethodConfig, create_method
 from adamerge.solvers import create_solver
-from adamerge.train.runs import RunFolder
+from adamerge.train.runs import RunFolder, is_launched_rank
 
 __all__ = ["RunPlan", "fit"]
 
@@ -313,6 +313,11 @@ def _check_settings(cfg: dict) -> None:
 def _check_run_folder(run: RunFolder, resume: bool) -> None:
     """``run_dir`` is a folder (or absent) and holds a run exactly when resuming."""
     check_folder_path(run.path, "run_dir")
+    if is_launched_rank():
+        # a DDP/shard process started by rank 0's launcher re-runs the command after rank 0 made
+        # this check and may already have saved method state (aTLAS's trusted labels, a finished
+        # data-free stage): it joins that run
+        return
     started = run.checkpoints.exists() or run.state_path.exists()
     if resume and not started:
         raise InputError(f"cannot resume: nothing to resume in {run.path} (no checkpoint, no saved method state)")

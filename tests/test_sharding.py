@@ -184,3 +184,23 @@ def test_sharded_fit_matches_one_process_and_resumes(tiny_zoo_dir, tmp_path):
     proc = _fit(exe + args + ["--resume"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(load_file(str(run / "coefficients.safetensors"))["coefficients"], coefs[1], rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_methods_that_save_state_before_the_fit_run_on_two_processes(tiny_zoo_dir, tmp_path):
+    """aTLAS saves its trusted labels and DOGE + AdaMerging its data-free stage before Lightning
+    starts the second process, which re-runs the command: it joins the run instead of refusing a
+    folder that "already holds a run". DOGE + AdaMerging (the paper's entropy) on 2 sharded
+    processes reaches one process's coefficients."""
+    exe = [sys.executable, "-m", "adamerge.cli"]
+    coefs = {}
+    for name, method, devices in [("atlas", "atlas", 2), ("doge1", "doge_adamerging", 1), ("doge2", "doge_adamerging", 2)]:
+        cfg = write_config(tmp_path / name, tiny_zoo_dir, **{"method": method, "options.steps": 3})
+        cmd = exe + ["fit", "--config", str(cfg), "--no-progress", "--devices", str(devices)]
+        proc = _fit(cmd + (["--strategy", "shard"] if devices > 1 else []), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        run = tmp_path / name / "run"
+        results = json.loads((run / "results.json").read_text())
+        assert (results.get("sharding") or {}).get("world", 1) == devices
+        coefs[name] = load_file(str(run / "coefficients.safetensors"))["coefficients"]
+    torch.testing.assert_close(coefs["doge2"], coefs["doge1"], rtol=0, atol=1e-5)

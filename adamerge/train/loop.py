@@ -32,7 +32,7 @@ from adamerge.core.merged import MergedModel
 from adamerge.core.sharding import SHARD_STRATEGY
 from adamerge.methods import MethodConfig
 from adamerge.train.objectives import averages_over_samples, get_objective, target_kind
-from adamerge.train.runs import RunFolder, read_metrics  # noqa: F401  (read_metrics re-exported)
+from adamerge.train.runs import RunFolder, is_launched_rank, read_metrics  # noqa: F401  (read_metrics re-exported)
 from adamerge.core.task_vectors import TaskVectors
 
 
@@ -393,7 +393,7 @@ def run_plan(plan) -> dict:
         return _fit_own_loop(plan, say)
 
     start = time.perf_counter()
-    rank_zero = _is_global_zero()
+    rank_zero = not is_launched_rank()
     before_model = m.build(model, tv, cfg, seed=seed)
     before = evaluate(before_model, heads, streams, eval_batch_size) if rank_zero else None
     del before_model
@@ -523,13 +523,6 @@ def _fit_own_loop(plan, say) -> dict:
                "seconds": time.perf_counter() - start, **results}
     run.write_results(results)
     return results
-
-
-def _is_global_zero() -> bool:
-    """Rank zero of a DDP launch (the launcher sets LOCAL_RANK/RANK in the child processes)."""
-    import os
-
-    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) == "0"
 
 
 def _quiet_lightning() -> None:

@@ -29,6 +29,14 @@ from torch import Tensor
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
 
+
+def is_launched_rank() -> bool:
+    """Whether this process is a rank other than 0 of a multi-process launch (Lightning's
+    launcher sets RANK / LOCAL_RANK in the processes it starts): rank 0 writes the run folder."""
+    import os
+
+    return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"
+
 FINISHED = "finished"
 
 
