@@ -111,7 +111,6 @@ def _vitb32_files(folder: Path, spec: dict) -> dict:
 
 
 def _demo_zoo_files(folder: Path) -> dict:
-    import torch
     from safetensors.torch import save_file
 
     from adamerge.workflows.demo import DEFAULT_TASKS, FULL
@@ -128,7 +127,6 @@ def _demo_zoo_files(folder: Path) -> dict:
         save_file({"x": zoo.tasks[t].x_test[:256].float().contiguous(), "y": zoo.tasks[t].y_test[:256].long().contiguous()},
                   str(folder / f"data_{t}.safetensors"))
         cfg["data"][t] = {"tensors": str(folder / f"data_{t}.safetensors")}
-    del torch
     return cfg
 
 

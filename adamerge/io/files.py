@@ -167,9 +167,10 @@ def atomic_save_safetensors(
         save_file(prepared, str(tmp), metadata=meta)
 
 
-def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks (constant memory)."""
-    digest = hashlib.sha256()
+def sha256_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20, digest=None) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks (constant memory); with ``digest`` (a
+    ``hashlib`` object) the bytes are added to it, e.g. to hash several files as one."""
+    digest = hashlib.sha256() if digest is None else digest
     with open(path, "rb") as fh:
         while chunk := fh.read(chunk_size):
             digest.update(chunk)

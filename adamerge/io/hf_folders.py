@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from adamerge.errors import InputError
+from adamerge.io.files import sha256_file
 
 __all__ = ["resolve_folder", "read_config", "read_weights", "weight_files", "folder_digest", "is_model_folder"]
 
@@ -122,7 +123,5 @@ def folder_digest(path: str | Path) -> str:
     h = hashlib.sha256()
     for f in [folder / "config.json", *files]:
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        sha256_file(f, digest=h)
     return h.hexdigest()

@@ -57,7 +57,6 @@ AUTO_CHUNK_FLOOR = 64 * 2**20
 """``micro_batch: auto``: a chunk's activations may use the larger of this and the merged weights' size."""
 
 
-@torch.no_grad()
 def _saved_bytes(forward: Callable[[Tensor], Tensor], x: Tensor) -> int:
     """Bytes of the tensors autograd saves for the backward of ``forward(x)`` (each storage once)."""
     seen: dict[int, int] = {}
