@@ -91,7 +91,9 @@ def test_every_objective_is_a_differentiable_scalar(name, logits):
     labels = torch.arange(12) % 5
     x = logits.clone().requires_grad_()
     kind = getattr(OBJECTIVES[name], "target_kind", None)
-    extra = {"targets": 20 * torch.randn(12, 5, generator=torch.Generator().manual_seed(3))} if kind in ("experts", "views") else {}
+    # an objective that also needs the starting merge's predictions takes [N, 2, C] targets
+    shape = (12, 2, 5) if getattr(OBJECTIVES[name], "needs_start", False) else (12, 5)
+    extra = {"targets": 20 * torch.randn(*shape, generator=torch.Generator().manual_seed(3))} if kind in ("experts", "views") else {}
     value = OBJECTIVES[name](x, labels, **extra)
     assert value.dim() == 0 and torch.isfinite(value)
     (grad,) = torch.autograd.grad(value, x)

@@ -31,6 +31,7 @@ OBJECTIVE_RANGES: dict[str, dict[str, dict]] = {
     "infomax": {"diversity": {"low": 0}, "floor": {"low": 0, "high": 1}},
     # the logits are divided by the temperature (and the loss scaled by its square) in float32
     "expert_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1}},
+    "trusted_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1}},
     "weak_strong": {"confidence": {"low": 0, "high": 1}},
 }
 _FIXED_ARGUMENTS = ("logits", "labels", "targets")  # what the training loop passes, not options
@@ -365,9 +366,16 @@ class Method:
 
         kind = target_kind(cfg.objective)
         if kind == "experts":
-            from adamerge.train.expert_targets import expert_logits
+            from adamerge.train.expert_targets import expert_logits, merged_logits
+            from adamerge.train.objectives import needs_start
 
-            return TrainingData(streams, expert_logits(model, tv, heads, streams, cache_dir, say=say))
+            targets = expert_logits(model, tv, heads, streams, cache_dir, say=say)
+            if needs_start(cfg.objective):
+                # the anchor: this fit's own starting merge (its initial coefficients), once
+                say(f"[expert targets] computing the starting merge's predictions for '{cfg.objective}'")
+                start = merged_logits(self.build(model, tv, cfg, seed=seed, state=state), heads, streams)
+                targets = {t: torch.stack([targets[t], start[t]], dim=1) for t in targets}
+            return TrainingData(streams, targets)
         if kind == "labels":
             if not labeled:
                 raise InputError(f"objective '{cfg.objective}' needs labels: give a labeled split (config 'labeled:'); the scored streams are never trained on with labels")

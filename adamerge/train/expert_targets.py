@@ -82,6 +82,22 @@ def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str | None, h
     return torch.cat(out)
 
 
+@torch.no_grad()
+def merged_logits(merged: nn.Module, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
+                  batch_size: int = 256) -> dict[str, Tensor]:
+    """A merged model's logits ``[N, C]`` (float32) on every sample of every task's stream, in
+    eval mode (the anchor of ``trusted_distill``: the fit's starting merge)."""
+    merged.eval()
+    out = {}
+    for stream in streams:
+        parts = []
+        for lo in range(0, len(stream), batch_size):
+            idx = torch.arange(lo, min(lo + batch_size, len(stream)))
+            parts.append(heads[stream.name](merged(images_layout(stream.inputs(idx), merged))).float())
+        out[stream.name] = torch.cat(parts)
+    return out
+
+
 def expert_logits(model: nn.Module, tv: TaskVectors, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
                   cache_dir: str | Path, batch_size: int = 256, say=lambda msg: None, pretrained: bool = False) -> dict[str, Tensor]:
     """Every task's expert logits on its stream (``pretrained``: the pretrained model's, through

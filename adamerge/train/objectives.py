@@ -19,6 +19,13 @@ predictive distribution on the same unlabeled samples (precomputed once, see
 (argmax) targets and an optional confidence filter. It assumes each expert is good on its own
 task: the merged model is pulled towards the experts, errors included.
 
+Trust-weighted (no labels): ``trusted_distill``: per sample, KL(expert ‖ merged) where the
+expert's confidence (its max probability) is at least ``confidence``, else KL(start ‖ merged)
+with the fit's starting merge (e.g. task arithmetic λ = 0.3) as the anchor. A confident expert is
+trusted; where it is unsure the merge keeps what it predicted at the start instead of copying
+the expert's guess or sharpening its own (what entropy-style objectives do, and where they
+collapse a weak task). Its targets are ``[N, 2, C]``: the expert's and the start's logits.
+
 Self-training (no labels): ``weak_strong`` (aTLAS's test-time objective): cross-entropy of a strong
 augmented view against the weak view's confident pseudo-label.
 
@@ -104,6 +111,32 @@ def expert_distill(
     return kl.mean() * temperature**2
 
 
+def trusted_distill(
+    logits: Tensor,
+    labels: Tensor | None = None,
+    targets: Tensor | None = None,
+    confidence: float = 0.9,
+    temperature: float = 1.0,
+) -> Tensor:
+    """``T² · mean_i KL(softmax(q_i/T) ‖ softmax(logits_i/T))`` with ``q_i`` the expert's logits
+    where its confidence (max probability at temperature 1) is at least ``confidence``, else the
+    start's. ``targets``: ``[N, 2, C]``, ``[:, 0]`` the expert's logits, ``[:, 1]`` the start's.
+    A mean over independent samples (the choice depends on each sample's own expert)."""
+    if targets is None or targets.dim() != 3 or targets.shape[1] != 2:
+        raise InputError("the trusted_distill objective needs [N, 2, C] targets: the expert's and the start's logits")
+    if not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
+        raise InputError(f"trusted_distill: confidence must be in [0, 1], got {confidence!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise InputError(f"trusted_distill: temperature must be > 0, got {temperature!r}")
+    targets = targets.float().detach()
+    expert, start = targets[:, 0], targets[:, 1]
+    trusted = F.softmax(expert, dim=-1).amax(-1) >= confidence
+    q = torch.where(trusted[:, None], expert, start)
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+    log_q = F.log_softmax(q / temperature, dim=-1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * temperature**2
+
+
 def weak_strong(logits: Tensor, labels: Tensor | None = None, targets: Tensor | None = None, confidence: float = 0.99) -> Tensor:
     """aTLAS's test-time objective: cross-entropy of the strong (augmented) view's logits against
     the weak (plain) view's predicted class, on the samples where the weak view's confidence is at
@@ -115,6 +148,8 @@ def weak_strong(logits: Tensor, labels: Tensor | None = None, targets: Tensor | 
 # (few-shot) split, or the weak view of the same samples
 expert_distill.target_kind = "experts"  # type: ignore[attr-defined]
 weak_strong.target_kind = "views"  # type: ignore[attr-defined]
+trusted_distill.target_kind = "experts"  # type: ignore[attr-defined]
+trusted_distill.needs_start = True  # type: ignore[attr-defined]  # targets [N, 2, C]: expert, start
 
 
 def cross_entropy(logits: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -132,6 +167,7 @@ OBJECTIVES: dict[str, Objective] = {
     "reliable_entropy": reliable_entropy,
     "infomax": infomax,
     "expert_distill": expert_distill,
+    "trusted_distill": trusted_distill,
     "weak_strong": weak_strong,
     "cross_entropy": cross_entropy,
 }
@@ -141,7 +177,7 @@ OBJECTIVES: dict[str, Objective] = {
 # chunks gives the same value and gradient as the sum of the chunks' values, each weighted by its
 # share of the samples (``options.micro_batch: N``); infomax's marginal term and a confidence
 # filter's count of kept samples depend on the whole batch
-_SAMPLE_MEANS = {"entropy", "entropy_norm", "reliable_entropy", "cross_entropy", "expert_distill"}
+_SAMPLE_MEANS = {"entropy", "entropy_norm", "reliable_entropy", "cross_entropy", "expert_distill", "trusted_distill"}
 
 
 def averages_over_samples(name: str, args: dict | None = None) -> bool:
@@ -154,6 +190,11 @@ def averages_over_samples(name: str, args: dict | None = None) -> bool:
 def target_kind(name: str) -> str | None:
     """What an objective needs per sample: ``experts``, ``labels``, ``views`` or nothing (None)."""
     return getattr(get_objective(name), "target_kind", None)
+
+
+def needs_start(name: str) -> bool:
+    """Whether an objective also needs the starting merge's predictions (targets ``[N, 2, C]``)."""
+    return bool(getattr(get_objective(name), "needs_start", False))
 
 
 def needs_targets(name: str) -> bool:

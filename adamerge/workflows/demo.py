@@ -87,6 +87,12 @@ LEARNED |= {
     "adamerging(layer,expert_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "expert_distill"}),
     "adamerging(partition:4,expert_distill)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "expert_distill"}),
 }
+# trust-weighted (issue 24): the expert where it is confident (max probability >= 0.9), else the
+# starting merge (task arithmetic λ = 0.3) as the anchor
+LEARNED |= {
+    "adamerging(layer,trusted_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "trusted_distill"}),
+    "adamerging(partition:4,trusted_distill)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill"}),
+}
 # test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
 # settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's
 # defaults over a pool of the experts plus two distractors (see _pool)

@@ -1,0 +1,152 @@
+"""trusted_distill: the objective against a hand computation, a bad (unsure) expert losing its
+weight to the anchor, the anchor being the fit's own starting merge, labels never read, and the
+expert cache and resume guarantees."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adamerge.cli import main
+from adamerge.errors import InputError
+from adamerge.train import expert_targets
+from adamerge.train.objectives import averages_over_samples, expert_distill, needs_start, trusted_distill
+from helpers import crash_then_resume, write_config
+
+
+def _kl(q_logits: list[float], p_logits: list[float], T: float) -> float:
+    q = [math.exp(v / T) for v in q_logits]
+    p = [math.exp(v / T) for v in p_logits]
+    q = [v / sum(q) for v in q]
+    p = [v / sum(p) for v in p]
+    return sum(qi * math.log(qi / pi) for qi, pi in zip(q, p))
+
+
+def test_trusted_distill_matches_a_hand_computation():
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(8, 4, generator=gen)
+    expert = torch.randn(8, 4, generator=gen) * 3
+    start = torch.randn(8, 4, generator=gen)
+    targets = torch.stack([expert, start], dim=1)
+    for conf, T in ((0.9, 1.0), (0.6, 2.0), (0.0, 1.0), (1.0, 0.5)):
+        hand = 0.0
+        for i in range(8):
+            sure = max(torch.softmax(expert[i], -1).tolist()) >= conf
+            hand += _kl((expert if sure else start)[i].tolist(), z[i].tolist(), T)
+        got = float(trusted_distill(z, targets=targets, confidence=conf, temperature=T))
+        assert abs(got - T * T * hand / 8) < 1e-5, (conf, T)
+    # confidence 0 trusts every expert: expert_distill; an impossible confidence: the anchor alone
+    assert torch.allclose(trusted_distill(z, targets=targets, confidence=0.0), expert_distill(z, targets=expert))
+    assert torch.allclose(trusted_distill(z, targets=targets, confidence=1.0), expert_distill(z, targets=start))
+    assert needs_start("trusted_distill") and not needs_start("expert_distill")
+    assert averages_over_samples("trusted_distill")  # micro-batch chunks give the same step
+
+
+def test_trusted_distill_refuses_targets_without_the_anchor():
+    z = torch.randn(3, 4)
+    with pytest.raises(InputError, match=r"\[N, 2, C\]"):
+        trusted_distill(z, targets=torch.randn(3, 4))
+    with pytest.raises(InputError, match="confidence"):
+        trusted_distill(z, targets=torch.randn(3, 2, 4), confidence=1.5)
+
+
+def test_an_unsure_expert_gets_less_weight_than_a_sure_one():
+    """Two experts that predict the same (wrong for the bad one) classes: the sure one is copied,
+    the unsure one is replaced by the anchor, so its mistakes do not pull the merge."""
+    n, c = 16, 3
+    start = torch.zeros(n, c)
+    start[:, 0] = 2.0  # the start predicts class 0 everywhere
+    guess = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(3))
+    sure = 8.0 * F.one_hot(guess, c).float()  # max probability > 0.99
+    unsure = 0.5 * F.one_hot(guess, c).float()  # max probability 0.45
+    z = torch.zeros(n, c, requires_grad=True)
+    g_sure, = torch.autograd.grad(trusted_distill(z, targets=torch.stack([sure, start], 1)), z)
+    g_unsure, = torch.autograd.grad(trusted_distill(z, targets=torch.stack([unsure, start], 1)), z)
+    g_anchor, = torch.autograd.grad(expert_distill(z, targets=start), z)
+    # the unsure expert's guesses have no weight at all: the gradient is the anchor's
+    assert torch.allclose(g_unsure, g_anchor)
+    # the sure expert's: descending raises the guessed class's logit on every sample
+    assert bool((-g_sure.gather(1, guess[:, None]) > 0).all())
+    assert float((g_sure - g_anchor).abs().max()) > 0.5 * float(g_anchor.abs().max())
+
+
+def _fit(folder, zoo, steps=30, **changes):
+    cfg = write_config(folder, zoo, **{"options.objective": "trusted_distill", "options.steps": steps,
+                                       "options.lr": 0.02, "checkpoint_every": 10, **changes})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    return cfg, folder / "run"
+
+
+def test_the_anchor_is_the_fits_own_start_and_a_short_fit_helps(tiny_zoo_dir, tmp_path, monkeypatch):
+    from adamerge.config import build_all, load_config
+    from adamerge.methods import create_method
+
+    seen = {}
+    real = expert_targets.merged_logits
+
+    def spy(merged, heads, streams, **kw):
+        out = real(merged, heads, streams, **kw)
+        seen.update(out)
+        return out
+
+    monkeypatch.setattr(expert_targets, "merged_logits", spy)
+    cfg, run = _fit(tmp_path, tiny_zoo_dir, steps=40)
+    results = json.loads((run / "results.json").read_text())
+    assert results["uses_labels"] is False and results["after"]["mean"] >= results["before"]["mean"]
+    # the anchor = task arithmetic at the method's init (AdaMerging's 0.3), computed by hand
+    parts = build_all(load_config(cfg))
+    from safetensors.torch import load_file
+
+    from adamerge.zoo.tiny import tiny_vit
+
+    base = load_file(str(tiny_zoo_dir / "base.safetensors"))
+    experts = [load_file(str(tiny_zoo_dir / "experts" / f"task{i}.safetensors")) for i in range(3)]
+    ta = tiny_vit()
+    ta.load_state_dict({k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) if base[k].is_floating_point() else base[k]
+                        for k in base})
+    ta.eval()
+    for s in parts["streams"]:
+        with torch.no_grad():
+            want = parts["heads"][s.name](ta(s.inputs(torch.arange(len(s)))))
+        assert torch.allclose(seen[s.name], want, atol=1e-4), s.name
+    assert create_method("adamerging").uses_labels_with(create_method("adamerging").config({"objective": "trusted_distill"})) is False
+
+
+def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path):
+    """The scored streams' labels only score: replaced by garbage, the coefficients are the same."""
+    from safetensors.torch import load_file, save_file
+
+    zoo = tmp_path / "garbage_zoo"
+    shutil.copytree(tiny_zoo_dir, zoo)
+    for f in (zoo / "data").glob("*.safetensors"):
+        d = load_file(str(f))
+        d["y"] = torch.randint(0, 1000, d["y"].shape, generator=torch.Generator().manual_seed(9)) % (int(d["y"].max()) + 1)
+        save_file(d, str(f))
+    _, a = _fit(tmp_path / "clean", tiny_zoo_dir, steps=12)
+    _, b = _fit(tmp_path / "garbage", zoo, steps=12)
+    ca = load_file(str(a / "coefficients.safetensors"))["coefficients"]
+    cb = load_file(str(b / "coefficients.safetensors"))["coefficients"]
+    assert torch.equal(ca, cb)
+    ra, rb = (json.loads((r / "results.json").read_text()) for r in (a, b))
+    assert ra["after"]["mean"] != rb["after"]["mean"] or ra["before"]["mean"] != rb["before"]["mean"]  # labels did score
+
+
+def test_cached_experts_and_a_resume_give_the_same_coefficients(tiny_zoo_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    _, run = _fit(tmp_path / "full", tiny_zoo_dir, steps=30)
+    assert list((run / "cache").glob("expert_logits-*.safetensors"))
+    # the resumed run reads the experts from the cache: no expert forward; the anchor is recomputed
+    monkeypatch.setattr(expert_targets, "compute_expert_logits",
+                        lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    cut = write_config(tmp_path / "cut", tiny_zoo_dir, **{
+        "options.objective": "trusted_distill", "options.steps": 30, "options.lr": 0.02, "checkpoint_every": 10,
+        "cache_dir": str(run / "cache")})
+    crash_then_resume(cut, 17, monkeypatch)
+    a = load_file(str(run / "coefficients.safetensors"))["coefficients"]
+    b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]
+    assert torch.equal(a, b)
