@@ -143,6 +143,10 @@ class ATLAS(Method):
                 subsets.append(stream_from_tensors(s.name, s.inputs(idx), y[idx], source=f"{a.shots}-shot of {s.source}"))
                 labels[s.name], saved[key] = y[idx], idx
             return TrainingData(subsets, labels, augment=True, view=self._view(a), state=saved)
+        from adamerge.train.objectives import target_kind
+
+        if target_kind(cfg.objective) != "views":  # another unlabeled objective (e.g. trusted_distill)
+            return super().training_data(cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state)
         # test time: the trusted set, once, from the teacher's predictions (no labels)
         pools, saved = {}, {}
         need = [s for s in streams if f"trusted.{s.name}" not in state]
