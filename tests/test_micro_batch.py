@@ -81,6 +81,64 @@ def test_micro_batch_keeps_one_tasks_activations_alive(make_zoo):
     assert saved[16] < 0.4 * saved[True]
 
 
+class _WithUnused(torch.nn.Module):
+    """A small network with a parameter its forward never uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 6)
+        self.unused = torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_merged_gradients_are_allocated_before_the_first_forward_and_unreached_tensors_stay_out(monkeypatch):
+    """The per-task backwards add into zero gradients allocated before any activation (the
+    memory layout that keeps the training peak low); a merged tensor no forward reaches gets no
+    gradient term (as when its gradient stayed ``None``); loss and gradient equal the batched path's."""
+    import adamerge.train.loop as loop
+
+    torch.manual_seed(0)
+    model = _WithUnused().double()
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    experts = {f"t{i}": {k: v + 0.1 * torch.randn_like(v) for k, v in base.items()} for i in range(2)}
+    tv = TaskVectors.from_state_dicts(base, experts, dtype="float64")
+    batch = {n: torch.randn(4, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(i))
+             for i, n in enumerate(tv.task_names)}
+    out = {}
+    for micro in (False, True):
+        cfg = create_method("adamerging").config({"granularity": "layer", "objective": "entropy", "micro_batch": micro})
+        merged = MergedModel(model, tv, "layer", init=0.3, clamp=None)
+        heads = {n: LinearHead(torch.randn(3, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(9)))
+                 for n in tv.task_names}
+        module = MergeModule(merged, heads, cfg, create_solver("gradient", cfg))
+        first, injected = [], []
+        forward = module.task_losses
+
+        def task_losses(one, module=module, first=first, forward=forward):
+            if not first and module.merged._fixed is not None:
+                first.append(all(p.grad is not None and not p.grad.any() for p in module.merged._fixed.values()))
+            return forward(one)
+
+        monkeypatch.setattr(module, "task_losses", task_losses)
+        apply = loop._InjectGradients.apply
+        monkeypatch.setattr(loop._InjectGradients, "apply",
+                            lambda grads, *t, apply=apply, injected=injected: injected.append(len(t)) or apply(grads, *t))
+        loss, _ = module.batch_loss(batch)
+        loss.backward()
+        monkeypatch.undo()
+        out[micro] = (loss.detach(), merged.coefficients.grad.clone(), first, injected)
+    assert out[True][2] == [True]  # zero gradients, before the first forward
+    reached = [k for k in merged.merge_keys if not k.startswith("unused.")]
+    assert out[True][3] == [len(reached)] and len(reached) < len(merged.merge_keys)
+    assert torch.allclose(out[True][0], out[False][0], atol=1e-6)
+    assert torch.allclose(out[True][1], out[False][1], rtol=1e-6, atol=1e-9)
+    unused = [merged.group_index(k) for k in merged.merge_keys if k.startswith("unused.")]
+    assert out[True][1][:, unused].abs().max() == 0
+
+
 @pytest.mark.parametrize("objective,args", [("infomax", {}), ("expert_distill", {"confidence": 0.5})])
 def test_chunks_are_refused_for_objectives_of_the_whole_batch(objective, args):
     from adamerge.errors import InputError
