@@ -32,7 +32,8 @@ from adamerge.workflows import demo  # noqa: E402
 SETTINGS = {**_SEED_SETTINGS, "s5": {"seed": 5, "tasks": ["mnist", "digits", "textile", "fashion_mnist"], "image_size": 40}}
 DEVELOPMENT = ("quick", "full0", "full1", "sub2")
 HELD_OUT = ("s3", "s4", "s5")
-CANDIDATES = [demo.RECOMMENDED, "adamerging(layer,expert_distill)", "adamerging(layer,trusted_distill)",
+# the recommendation before issue 24, the expert-guided objective, the trust-weighted one
+CANDIDATES = ["adamerging(layer,infomax,floor=0.9)", "adamerging(layer,expert_distill)", "adamerging(layer,trusted_distill)",
               "adamerging(partition:4,trusted_distill)"]
 
 

@@ -43,7 +43,8 @@ def test_trusted_set_is_the_most_confident_per_predicted_class():
 
 
 def test_test_time_atlas_trusted_set_is_fixed_and_resume_is_exact(tiny_zoo_dir, tmp_path, monkeypatch):
-    options = {"steps": 16, "lr": 0.05, "granularity": "partition:2:atlas", "objective_args": {"confidence": 0.5}}
+    options = {"steps": 16, "lr": 0.05, "granularity": "partition:2:atlas", "objective": "weak_strong",
+               "objective_args": {"confidence": 0.5}}
     full = write_config(tmp_path / "full", tiny_zoo_dir, method="atlas", options=options, checkpoint_every=5)
     assert main(["fit", "--config", str(full), "--no-progress"]) == 0
     run = tmp_path / "full" / "run"
@@ -140,7 +141,7 @@ def test_test_time_atlas_paper_teacher_is_the_pretrained_model(tiny_zoo_dir, tmp
     from adamerge.config import build_all, load_config
     from adamerge.train.expert_targets import expert_logits
 
-    options = {"steps": 2, "lr": 0.05, "init": 0.0, "method_args": {"teacher": "pretrained"}}
+    options = {"steps": 2, "lr": 0.05, "init": 0.0, "objective": "weak_strong", "method_args": {"teacher": "pretrained"}}
     cfg = write_config(tmp_path / "p", tiny_zoo_dir, method="atlas", options=options)
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     state = load_file(str(tmp_path / "p" / "run" / "method_state.safetensors"))
@@ -155,10 +156,12 @@ def test_test_time_atlas_paper_teacher_is_the_pretrained_model(tiny_zoo_dir, tmp
     assert differs  # the two teachers choose different trusted sets on this zoo
 
 
-def test_test_time_atlas_raises_accuracy_over_its_start(tiny_zoo_dir, tmp_path):
-    """With its default teacher (the experts), test-time aTLAS ends above where it started (the
-    pretrained model, init 0) on every task of the tiny zoo; no label is read to train."""
-    options = {"steps": 60, "lr": 0.05, "init": 0.0, "batch_size": 32}
+@pytest.mark.parametrize("objective", [None, "weak_strong"])
+def test_test_time_atlas_raises_accuracy_over_its_start(tiny_zoo_dir, tmp_path, objective):
+    """With its default objective (trusted_distill) and with the paper's (weak_strong, its default
+    teacher: the experts), test-time aTLAS ends above where it started (the pretrained model, init
+    0) on the tiny zoo; no label is read to train."""
+    options = {"steps": 60, "lr": 0.05, "init": 0.0, "batch_size": 32, **({"objective": objective} if objective else {})}
     cfg = write_config(tmp_path / "a", tiny_zoo_dir, method="atlas", options=options)
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     results = json.loads((tmp_path / "a" / "run" / "results.json").read_text())
@@ -195,7 +198,7 @@ def test_atlas_view_options_reach_the_strong_view(tiny_zoo_dir, tmp_path, monkey
         return original(x, generator, **kwargs)
 
     monkeypatch.setattr(loop, "strong_view", spy)
-    cfg = write_config(tmp_path, tiny_zoo_dir, method="atlas", options={"steps": 3, "method_args": args})
+    cfg = write_config(tmp_path, tiny_zoo_dir, method="atlas", options={"steps": 3, "objective": "weak_strong", "method_args": args})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     assert seen and all(k == expected for k in seen)
 
@@ -208,3 +211,18 @@ def test_the_strong_view_defaults_depend_on_the_mode():
     assert (AtlasOptions().crop_min, AtlasOptions().flip) == (0.8, False)
     assert (AtlasOptions(mode="few_shot").crop_min, AtlasOptions(mode="few_shot").flip) == (0.5, True)
     assert (AtlasOptions(crop_min=0.5, flip=True).crop_min, AtlasOptions(flip=True).flip) == (0.5, True)
+
+
+def test_weak_strong_options_with_another_objective_are_refused(tiny_zoo_dir, tmp_path, capsys):
+    """The trusted set's teacher and the strong view belong to the paper's recipe: given with the
+    default objective (trusted_distill) they would do nothing, so the fit is refused up front."""
+    from adamerge.methods import create_method
+
+    cfg = write_config(tmp_path, tiny_zoo_dir, method="atlas", options={"steps": 2, "method_args": {"teacher": "pretrained"}})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "weak_strong" in err and "teacher" in err and not (tmp_path / "run" / "results.json").exists()
+    atlas = create_method("atlas")
+    assert atlas.config({}).objective == "trusted_distill"
+    assert atlas.config({"objective": "weak_strong", "method_args": {"teacher": "pretrained"}}).objective == "weak_strong"
+    assert atlas.config({"method_args": {"mode": "few_shot", "flip": False}}).objective == "cross_entropy"
