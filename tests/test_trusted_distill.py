@@ -42,6 +42,10 @@ def test_trusted_distill_matches_a_hand_computation():
     # confidence 0 trusts every expert: expert_distill; an impossible confidence: the anchor alone
     assert torch.allclose(trusted_distill(z, targets=targets, confidence=0.0), expert_distill(z, targets=expert))
     assert torch.allclose(trusted_distill(z, targets=targets, confidence=1.0), expert_distill(z, targets=start))
+    # hard: cross-entropy against the chosen target's argmax
+    sure = torch.softmax(expert, -1).amax(-1) >= 0.9
+    chosen = torch.where(sure, expert.argmax(-1), start.argmax(-1))
+    assert torch.allclose(trusted_distill(z, targets=targets, hard=True), F.cross_entropy(z, chosen))
     assert needs_start("trusted_distill") and not needs_start("expert_distill")
     assert averages_over_samples("trusted_distill")  # micro-batch chunks give the same step
 

@@ -117,11 +117,13 @@ def trusted_distill(
     targets: Tensor | None = None,
     confidence: float = 0.9,
     temperature: float = 1.0,
+    hard: bool = False,
 ) -> Tensor:
     """``T² · mean_i KL(softmax(q_i/T) ‖ softmax(logits_i/T))`` with ``q_i`` the expert's logits
     where its confidence (max probability at temperature 1) is at least ``confidence``, else the
-    start's. ``targets``: ``[N, 2, C]``, ``[:, 0]`` the expert's logits, ``[:, 1]`` the start's.
-    A mean over independent samples (the choice depends on each sample's own expert)."""
+    start's; ``hard``: cross-entropy against ``q_i``'s argmax instead. ``targets``: ``[N, 2, C]``,
+    ``[:, 0]`` the expert's logits, ``[:, 1]`` the start's. A mean over independent samples (the
+    choice depends on each sample's own expert)."""
     if targets is None or targets.dim() != 3 or targets.shape[1] != 2:
         raise InputError("the trusted_distill objective needs [N, 2, C] targets: the expert's and the start's logits")
     if not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
@@ -132,6 +134,8 @@ def trusted_distill(
     expert, start = targets[:, 0], targets[:, 1]
     trusted = F.softmax(expert, dim=-1).amax(-1) >= confidence
     q = torch.where(trusted[:, None], expert, start)
+    if hard:
+        return F.cross_entropy(logits.float(), q.argmax(-1))
     log_p = F.log_softmax(logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(q / temperature, dim=-1)
     return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * temperature**2

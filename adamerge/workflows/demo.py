@@ -95,6 +95,10 @@ LEARNED |= {
 LEARNED |= {
     "adamerging(layer,trusted_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "trusted_distill"}),
     "adamerging(partition:4,trusted_distill)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill"}),
+    "adamerging(layer,trusted_distill,hard)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "trusted_distill",
+                                                              "objective_args": {"hard": True}}),
+    "adamerging(partition:4,trusted_distill,hard)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill",
+                                                                    "objective_args": {"hard": True}}),
 }
 # test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
 # settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's
