@@ -53,6 +53,7 @@ def measured(folder: Path) -> dict[str, dict]:
     which holds only the rows that call named, and the data-free rows) plus every finished run
     under ``runs/`` whose resolved method config is still the current one (a run made under other
     method defaults is stale and left out)."""
+    from adamerge.errors import InputError
     from adamerge.methods import create_method
     from adamerge.train.runs import RunFolder
 
@@ -64,7 +65,10 @@ def measured(folder: Path) -> dict[str, dict]:
             continue
         spec = json.loads(marker.read_text())
         method = create_method(spec["method"])
-        cfg = method.config(spec["options"])
+        try:
+            cfg = method.config(spec["options"])
+        except InputError:  # options no longer valid under today's defaults: a stale row
+            continue
         current = json.loads(json.dumps(method.settings(cfg), default=str))
         res = RunFolder(run_dir).read_results()
         # a run made before the demo recorded the parsed option classes is compared on its resolved
