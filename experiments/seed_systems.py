@@ -131,6 +131,19 @@ def print_matrix(folders: list[Path]) -> None:
         print(f"| `{name}` | " + " | ".join(cells) + " |")
 
 
+def run_settings(out: Path, names: list[str], rows: list[str], settings: dict[str, dict], cache_dir=None,
+                 summary_only: bool = False) -> list[Path]:
+    """Run the demo rows ``rows`` on each named setting (``OUT/<name>``; finished rows are reused)
+    unless ``summary_only``; the settings' folders."""
+    folders = []
+    for name in names:
+        folder = out / name
+        if not summary_only:
+            demo.run_demo(out=folder, cache_dir=cache_dir, methods=rows, progress=True, **settings[name])
+        folders.append(folder)
+    return folders
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("out", type=Path)
@@ -149,12 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = args.rows.split(";") if args.rows else REFERENCES + DEFAULT_ROWS + [n for n in demo.LEARNED if n.endswith("(paper)")]
     if args.variants:
         rows += [v for v in VARIANTS if v not in rows]
-    folders = []
-    for name in args.settings.split(","):
-        folder = args.out / name
-        if not args.summary_only:
-            demo.run_demo(out=folder, cache_dir=args.cache_dir, methods=rows, progress=True, **SETTINGS[name])
-        folders.append(folder)
+    folders = run_settings(args.out, args.settings.split(","), rows, SETTINGS, args.cache_dir, args.summary_only)
     print_summary(folders)
     print()
     print_matrix(folders)

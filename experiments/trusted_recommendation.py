@@ -23,9 +23,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from seed_systems import SETTINGS as _SEED_SETTINGS  # noqa: E402
-from seed_systems import TA, measured  # noqa: E402
+from seed_systems import TA, measured, run_settings  # noqa: E402
 
-from adamerge.workflows import demo  # noqa: E402
 
 # s5 was defined before any run of this script (issue 24 asks for one new held-out setting):
 # another seed, another image size, a 4-task subset with the weak textile task in it
@@ -65,12 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     rows = args.rows.split(";")
-    folders = []
-    for name in args.settings.split(","):
-        folder = args.out / name
-        if not args.summary_only:
-            demo.run_demo(out=folder, cache_dir=args.cache_dir, methods=rows, progress=True, **SETTINGS[name])
-        folders.append(folder)
+    folders = run_settings(args.out, args.settings.split(","), rows, SETTINGS, args.cache_dir, args.summary_only)
     judged = [j for row in rows for f in folders if (j := judge(f, row)) is not None]
     print("| candidate | setting | mean | % of experts (bar) | vs best data-free | worst task vs TA λ=0.3 | holds |")
     print("| --- | --- | ---: | ---: | ---: | --- | --- |")

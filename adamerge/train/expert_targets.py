@@ -75,27 +75,25 @@ def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str | None, h
         if task is not None and key in tv.vectors:
             buf = expert._tensor("_buf", i)
             buf.copy_((tv.base[key].to(torch.float64) + tv.vectors[key][t].to(torch.float64)).to(buf.dtype))
-    out = []
-    for lo in range(0, len(stream), batch_size):
-        idx = torch.arange(lo, min(lo + batch_size, len(stream)))
-        out.append(head(expert(images_layout(stream.inputs(idx), expert))).float())
-    return torch.cat(out)
+    return stream_logits(expert, head, stream, batch_size)
 
 
 @torch.no_grad()
+def stream_logits(model: nn.Module, head: nn.Module, stream: TaskStream, batch_size: int = 256) -> Tensor:
+    """``head(model(x))`` (float32) for every sample of the stream, in order, in batches."""
+    out = []
+    for lo in range(0, len(stream), batch_size):
+        idx = torch.arange(lo, min(lo + batch_size, len(stream)))
+        out.append(head(model(images_layout(stream.inputs(idx), model))).float())
+    return torch.cat(out)
+
+
 def merged_logits(merged: nn.Module, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
                   batch_size: int = 256) -> dict[str, Tensor]:
-    """A merged model's logits ``[N, C]`` (float32) on every sample of every task's stream, in
-    eval mode (the anchor of ``trusted_distill``: the fit's starting merge)."""
+    """A merged model's logits ``[N, C]`` on every task's stream, in eval mode (the anchor of
+    ``trusted_distill``: the fit's starting merge)."""
     merged.eval()
-    out = {}
-    for stream in streams:
-        parts = []
-        for lo in range(0, len(stream), batch_size):
-            idx = torch.arange(lo, min(lo + batch_size, len(stream)))
-            parts.append(heads[stream.name](merged(images_layout(stream.inputs(idx), merged))).float())
-        out[stream.name] = torch.cat(parts)
-    return out
+    return {s.name: stream_logits(merged, heads[s.name], s, batch_size) for s in streams}
 
 
 def expert_logits(model: nn.Module, tv: TaskVectors, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
