@@ -72,8 +72,25 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {j['row']} | {j['setting']} | {100 * j['mean']:.1f} | {100 * j['share']:.1f} ({100 * j['bar']:.0f}) | "
               f"{100 * j['vs_best_data_free']:+.1f} ({j['best_data_free']}) | {j['worst_task']} {100 * j['worst_vs_ta']:+.1f} | "
               f"{'yes' if j['holds'] else '**no**'} |")
+    print()
+    print_matrix(judged, rows, [f.name for f in folders])
     if args.json:
         args.json.write_text(json.dumps(judged, indent=2))
+
+
+def print_matrix(judged: list[dict], rows: list[str], settings: list[str]) -> None:
+    """The README's form: a row per candidate, a column per setting, the mean with its share of the
+    experts and its worst task against task arithmetic λ = 0.3; ✗ where the rule fails."""
+    cell = {(j["row"], j["setting"]): j for j in judged}
+    print("| candidate | " + " | ".join(settings) + " |")
+    print("| --- | " + " | ".join("---:" for _ in settings) + " |")
+    for row in rows:
+        out = []
+        for s in settings:
+            j = cell.get((row, s))
+            out.append("–" if j is None else f"{100 * j['mean']:.1f} ({100 * j['share']:.1f} %; {100 * j['worst_vs_ta']:+.1f})"
+                       + ("" if j["holds"] else " ✗"))
+        print(f"| `{row}` | " + " | ".join(out) + " |")
 
 
 if __name__ == "__main__":
