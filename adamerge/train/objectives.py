@@ -128,17 +128,11 @@ def trusted_distill(
         raise InputError("the trusted_distill objective needs [N, 2, C] targets: the expert's and the start's logits")
     if not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
         raise InputError(f"trusted_distill: confidence must be in [0, 1], got {confidence!r}")
-    if not (isinstance(temperature, (int, float)) and temperature > 0):
-        raise InputError(f"trusted_distill: temperature must be > 0, got {temperature!r}")
     targets = targets.float().detach()
     expert, start = targets[:, 0], targets[:, 1]
     trusted = F.softmax(expert, dim=-1).amax(-1) >= confidence
-    q = torch.where(trusted[:, None], expert, start)
-    if hard:
-        return F.cross_entropy(logits.float(), q.argmax(-1))
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    log_q = F.log_softmax(q / temperature, dim=-1)
-    return (log_q.exp() * (log_q - log_p)).sum(-1).mean() * temperature**2
+    # per sample, the trusted target; then the one distillation loss of the library
+    return expert_distill(logits, targets=torch.where(trusted[:, None], expert, start), temperature=temperature, hard=hard)
 
 
 def weak_strong(logits: Tensor, labels: Tensor | None = None, targets: Tensor | None = None, confidence: float = 0.99) -> Tensor:
