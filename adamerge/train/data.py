@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,17 +275,17 @@ def images_layout(x: Tensor, model: nn.Module | None = None) -> Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
+_CHANNELS_LAST: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
 def prefers_channels_last(model: nn.Module) -> bool:
     """Whether ``model`` (or a merged model's architecture) is a convolutional network: two or
-    more ``Conv2d`` layers."""
+    more ``Conv2d`` layers. Walked once per architecture (this runs on every batch)."""
     arch = getattr(model, "_arch", model)
-    count = 0
-    for m in arch.modules():
-        if isinstance(m, nn.Conv2d):
-            count += 1
-            if count > 1:
-                return True
-    return False
+    known = _CHANNELS_LAST.get(arch)
+    if known is None:
+        known = _CHANNELS_LAST[arch] = sum(isinstance(m, nn.Conv2d) for m in arch.modules()) > 1
+    return known
 
 
 class LinearHead(nn.Module):

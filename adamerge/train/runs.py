@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,6 @@ from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic
 def is_launched_rank() -> bool:
     """Whether this process is a rank other than 0 of a multi-process launch (Lightning's
     launcher sets RANK / LOCAL_RANK in the processes it starts): rank 0 writes the run folder."""
-    import os
-
     return os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"
 
 FINISHED = "finished"
