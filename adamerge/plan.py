@@ -105,8 +105,11 @@ class RunPlan:
                    method: str = "adamerging", options: dict | None = None, *, seed: int = 0, resume: bool = False,
                    progress: bool = True, trainer_options: dict | None = None, checkpoint_every: int = 50,
                    eval_batch_size: int = 256, cache_dir: str | Path | None = None, labeled: Sequence | None = None,
-                   pool: Mapping[str, str] | None = None, tasks: Sequence[str] | None = None) -> "RunPlan":
-        """A plan over models and streams already in memory (the Python API, nested fits)."""
+                   pool: Mapping[str, str] | None = None, tasks: Sequence[str] | None = None,
+                   experts=None) -> "RunPlan":
+        """A plan over models and streams already in memory (the Python API, nested fits).
+        ``experts``: task vectors with one expert per task, for objectives that read the experts'
+        predictions when ``tv`` holds other checkpoints (FW-Soft's nested fits); ``tv`` by default."""
         cfg = copy.deepcopy(DEFAULTS) | {
             "seed": seed, "method": method, "options": dict(options or {}), "run_dir": str(run_dir),
             "trainer": {**DEFAULTS["trainer"], **(trainer_options or {})}, "checkpoint_every": checkpoint_every,
@@ -114,7 +117,8 @@ class RunPlan:
             "pool": dict(pool) if pool else None,
         }
         parts = {"model": model, "tv": tv, "heads": dict(heads), "streams": list(streams),
-                 "labeled": list(labeled) if labeled else None, "tasks": list(tasks or tv.task_names)}
+                 "labeled": list(labeled) if labeled else None, "tasks": list(tasks or tv.task_names),
+                 "experts": experts}
         plan = cls(cfg, resume=resume, progress=progress, parts=parts, from_file=False, tasks=tasks)
         plan.check_config()
         plan.check_parts()
@@ -265,12 +269,14 @@ class RunPlan:
 
     def nested(self, run_dir: str | Path, tv, method: str, options: dict, *, resume: bool) -> "RunPlan":
         """A plan for a fit inside this run (FW-Soft's AdaMerging over chosen checkpoints): same
-        model, heads, streams and settings, other task vectors, method and options."""
+        model, heads, streams and settings, other task vectors, method and options; this run's
+        experts still give expert objectives their targets."""
         return RunPlan.from_parts(
             run_dir, self.parts["model"], tv, self.parts["heads"], self.parts["streams"], method, options,
             seed=self.seed, resume=resume, progress=self.progress, trainer_options=self.cfg["trainer"],
             checkpoint_every=max(1, options.get("steps", 1)), eval_batch_size=self.cfg["eval_batch_size"],
-            cache_dir=self.cache_dir, labeled=self.parts.get("labeled"), tasks=self.tasks)
+            cache_dir=self.cache_dir, labeled=self.parts.get("labeled"), tasks=self.tasks,
+            experts=self.parts["tv"] if self.parts.get("experts") is None else self.parts["experts"])
 
 
 def fit(run_dir: str | Path, model: nn.Module, tv, heads: Mapping[str, nn.Module], streams: Sequence,

@@ -46,6 +46,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "atlas(test_time,paper_view)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "method_args": {"flip": True, "crop_min": 0.5}}),
     "fw_merging(hard,trusted_distill)": ("fw_merging", {"objective": "trusted_distill"}),
     "atlas(test_time,no_flip)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "method_args": {"flip": False, "crop_min": 0.5}}),
+    # session 32: a weaker DOGE merge (δ strengthens it; sub2 and full1 prefer task arithmetic's strength)
+    "doge(lam_mean=0.25)": ("doge", {"solver_args": {"lam_mean": 0.25}}),
+    "doge(lam_mean=0.2)": ("doge", {"solver_args": {"lam_mean": 0.2}}),
+    # session 32: FW-Soft's oracle and nested AdaMerging on the trust-weighted expert objective
+    "fw_merging(soft,trusted_distill)": ("fw_merging", {"objective": "trusted_distill", "method_args": {"soft": True}}),
 }
 
 

@@ -353,3 +353,58 @@ def test_fw_merging_with_labeled_cross_entropy_says_it_uses_labels(tiny_zoo_dir,
     assert results["uses_labels"] is True and len(results["fw_merging"]["history"]) == 2
     unlabeled = _pool_config(tmp_path / "nolabels", tiny_zoo_dir, options={"objective": "cross_entropy"})
     assert main(["fit", "--config", str(unlabeled), "--no-progress"]) == 2  # no labeled split: refused
+
+
+@pytest.mark.parametrize("objective", ["expert_distill", "trusted_distill"])
+def test_fw_soft_nested_fits_distill_each_tasks_own_expert(tiny_zoo_dir, tmp_path, monkeypatch, objective):
+    """FW-Soft's nested AdaMerging runs over pool vertices, yet an expert objective's targets stay
+    each task's own expert's predictions (computed once, by hand here) and, for trusted_distill,
+    the anchor is the nested fit's own start (θ + 0.3 Σ_v (θ_v − θ) from the pretrained model)."""
+    from adamerge.config import build_all, load_config
+    from adamerge.methods.base import Method
+    from adamerge.zoo.tiny import tiny_vit
+
+    seen: list[dict] = []
+    real = Method.training_data
+
+    def spy(self, *args, **kwargs):
+        data = real(self, *args, **kwargs)
+        seen.append({t: v.clone() for t, v in (data.targets or {}).items()})
+        return data
+
+    monkeypatch.setattr(Method, "training_data", spy)
+    two = TASKS[:2]
+    # the candidates are named unlike the tasks: the nested fit's "tasks" are checkpoints ckpt_*
+    pool = {f"ckpt_{t}": str(tiny_zoo_dir / "experts" / f"{t}.safetensors") for t in two}
+    pool |= _distractors(tiny_zoo_dir, tmp_path / "distractors")
+    cfg = write_config(tmp_path, tiny_zoo_dir, method="fw_merging", pool=pool,
+                       experts={t: str(tiny_zoo_dir / "experts" / f"{t}.safetensors") for t in two},
+                       heads={t: str(tiny_zoo_dir / "heads" / f"{t}.safetensors") for t in two},
+                       data={t: {"tensors": str(tiny_zoo_dir / "data" / f"{t}.safetensors")} for t in two},
+                       options={"method_args": {"soft": True, "iterations": 1, "soft_steps": 3}, "batch_size": 100,
+                                "objective": objective})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    run = tmp_path / "run"
+    fw = json.loads((run / "results.json").read_text())["fw_merging"]
+    assert fw["history"][0]["set"] == ["ckpt_task0", "ckpt_task1"]
+    assert len(seen) == 2  # the oracle's gradients (the outer run) and the nested fit
+    parts = build_all(load_config(cfg))
+    base = load_file(str(tiny_zoo_dir / "base.safetensors"))
+    experts = {t: load_file(str(tiny_zoo_dir / "experts" / f"{t}.safetensors")) for t in ("task0", "task1")}
+
+    def logits(state, s):
+        model = tiny_vit()
+        model.load_state_dict(state)
+        model.eval()
+        with torch.no_grad():
+            return parts["heads"][s.name](model(s.inputs(torch.arange(len(s)))))
+
+    ta = {k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts.values()) if base[k].is_floating_point() else base[k]
+          for k in base}
+    for s in parts["streams"]:
+        want = logits(experts[s.name], s)
+        for targets in seen:
+            got = targets[s.name]
+            assert torch.allclose(got[:, 0] if objective == "trusted_distill" else got, want, atol=1e-4), s.name
+        if objective == "trusted_distill":  # the nested fit's anchor: its start, task arithmetic over the set
+            assert torch.allclose(seen[1][s.name][:, 1], logits(ta, s), atol=1e-4), s.name

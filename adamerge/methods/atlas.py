@@ -143,7 +143,7 @@ class ATLAS(Method):
             return None
         return lambda merged: a.penalty * merged.applied_coefficients().abs().pow(a.p).sum()
 
-    def training_data(self, cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state) -> TrainingData:
+    def training_data(self, cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state, experts=None) -> TrainingData:
         a = self.options(cfg)
         if a.mode == "few_shot":
             if not labeled:
@@ -161,7 +161,7 @@ class ATLAS(Method):
         from adamerge.train.objectives import target_kind
 
         if target_kind(cfg.objective) != "views":  # another unlabeled objective (e.g. trusted_distill)
-            return super().training_data(cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state)
+            return super().training_data(cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state, experts)
         # test time: the trusted set, once, from the teacher's predictions (no labels)
         pools, saved = {}, {}
         need = [s for s in streams if f"trusted.{s.name}" not in state]
@@ -169,7 +169,8 @@ class ATLAS(Method):
         if need:
             from adamerge.train.expert_targets import expert_logits
 
-            logits = expert_logits(model, tv, heads, need, cache_dir, say=say, pretrained=a.teacher == "pretrained")
+            logits = expert_logits(model, experts if experts is not None else tv, heads, need, cache_dir, say=say,
+                                   pretrained=a.teacher == "pretrained")
         labels = {}
         for s in streams:
             key = f"trusted.{s.name}"

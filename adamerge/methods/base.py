@@ -359,9 +359,12 @@ class Method:
         return self.uses_labels or target_kind(cfg.objective) == "labels"
 
     def training_data(self, cfg: MethodConfig, model: nn.Module, tv: TaskVectors, heads: dict, streams: list,
-                      labeled: list | None, cache_dir, say, seed: int, state: dict) -> TrainingData:
+                      labeled: list | None, cache_dir, say, seed: int, state: dict,
+                      experts: TaskVectors | None = None) -> TrainingData:
         """The data of a training stage. Default: the scored streams, unlabeled, with the experts'
-        predictions when the objective needs them, or a labeled split for a labeled objective."""
+        predictions when the objective needs them, or a labeled split for a labeled objective.
+        ``experts``: the task vectors holding one expert per task, when ``tv`` holds something
+        else (a nested fit over FW-Soft's chosen checkpoints); ``tv`` by default."""
         from adamerge.train.objectives import target_kind
 
         kind = target_kind(cfg.objective)
@@ -369,7 +372,7 @@ class Method:
             from adamerge.train.expert_targets import expert_logits, merged_logits
             from adamerge.train.objectives import needs_start
 
-            targets = expert_logits(model, tv, heads, streams, cache_dir, say=say)
+            targets = expert_logits(model, experts if experts is not None else tv, heads, streams, cache_dir, say=say)
             if needs_start(cfg.objective):
                 # the anchor: this fit's own starting merge (its initial coefficients), once
                 say(f"[expert targets] computing the starting merge's predictions for '{cfg.objective}'")

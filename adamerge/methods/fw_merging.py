@@ -225,12 +225,9 @@ class FWMerging(Method):
     def check(self, cfg: MethodConfig) -> None:
         from adamerge.train.objectives import target_kind
 
-        opts = fw_options(cfg)
+        fw_options(cfg)  # the options parse
         if target_kind(cfg.objective) == "views":
             raise InputError(f"fw_merging does not support the objective '{cfg.objective}' (it needs augmented views)")
-        if opts.soft and target_kind(cfg.objective) == "experts":
-            raise InputError("FW-Soft's AdaMerging runs over pool candidates, not one expert per task: it cannot use"
-                             f" the objective '{cfg.objective}'")
 
     def solvers(self, cfg: MethodConfig) -> list:
         return []

@@ -431,7 +431,8 @@ def run_plan(plan) -> dict:
         merged = m.build(model, tv, cfg, seed=seed, state=state or None, stage=i)
         if steps > 0:
             if data is None:
-                data = m.training_data(cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state)
+                data = m.training_data(cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state,
+                                       parts.get("experts"))
                 if data.state:
                     state = {**state, **data.state}
                     if rank_zero:
