@@ -61,6 +61,7 @@ def measured(folder: Path) -> dict[str, dict]:
     method defaults is stale and left out)."""
     from adamerge.errors import InputError
     from adamerge.methods import create_method
+    from adamerge.methods.base import same_run
     from adamerge.train.runs import RunFolder
 
     methods = dict(json.loads((folder / "results.json").read_text())["methods"])
@@ -81,7 +82,7 @@ def measured(folder: Path) -> dict[str, dict]:
         # config only (the marker's, or else the one results.json records): a changed default of an
         # option class (method_args, solver_args) goes unseen there, so rerun such rows
         legacy = json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
-        if spec.get("resolved", res.get("options")) not in (current, legacy):
+        if not any(same_run(spec.get("resolved", res.get("options")), ok) for ok in (current, legacy)):
             continue
         methods[name] = {"kind": demo.row_kind(spec["method"]), "mean": res["after"]["mean"], "per_task": res["after"]["per_task"]}
     return methods

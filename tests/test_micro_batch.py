@@ -190,16 +190,24 @@ def test_every_data_solver_trains_the_same_with_micro_batch(tiny_zoo_dir, tmp_pa
     assert torch.allclose(coef[True], coef[False], atol=1e-4), solver
 
 
-def test_auto_chunk_measures_the_activations_of_one_more_sample():
+def test_saved_bytes_counts_one_samples_activations_without_the_weights():
     """A Linear(100, 50) + tanh saves, per sample, its input row (100 floats) and its output row
-    (50 floats): 600 bytes; the weights, saved alike for 1 and 2 samples, cancel. A batch of 16
-    under a 1200-byte budget is cut into 8 equal chunks of 2; 5 samples under 1300 bytes, into 3
-    chunks of at most 2."""
-    from adamerge.train.loop import auto_chunk, chunk_size
+    (50 floats): 600 bytes; its weight, saved too, is left out (it does not grow with the batch),
+    and a slice of a larger batch counts its own elements only. A batch of 16 under a 1200-byte
+    budget is cut into 8 equal chunks of 2; 5 samples under 1300 bytes, into 3 chunks of at most 2."""
+    from adamerge.train.loop import SavedBytes, chunk_size
 
     layer = torch.nn.Linear(100, 50)
-    chunking = auto_chunk(lambda x: torch.tanh(layer(x)), torch.randn(16, 100), budget=1200)
-    assert chunking == {"bytes_per_sample": 600, "budget_bytes": 1200}
+    x = torch.randn(16, 100, requires_grad=True)
+    with SavedBytes([layer.weight, layer.bias]) as meter:
+        out = torch.tanh(layer(x[:1]))
+    assert meter.bytes == 600
+    out.sum().backward()  # the measured forward is an ordinary one
+    assert x.grad is not None and x.grad[1:].abs().sum() == 0
+    with SavedBytes() as meter:  # the weight counted: 50 · 100 floats more
+        torch.tanh(layer(x[:3]))
+    assert meter.bytes == 3 * 600 + 50 * 100 * 4
+    chunking = {"bytes_per_sample": 600, "budget_bytes": 1200}
     assert chunk_size(chunking, 16) == 2 and chunk_size(chunking, 2) == 2
     assert chunk_size({"bytes_per_sample": 600, "budget_bytes": 1300}, 5) == 2
     assert chunk_size({"bytes_per_sample": 600, "budget_bytes": 10**9}, 16) == 16

@@ -9,6 +9,7 @@ folder) feeds :meth:`Method.build`. Methods import neither Lightning nor the tra
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -64,6 +65,24 @@ def check_objective_args(objective: str, args: dict) -> dict:
     return out
 
 
+EXECUTION_OPTIONS = ("micro_batch",)
+"""Options of how a step is computed, not of what it computes: the chunked, per-task and batched
+steps give the same step to float rounding (tests/test_micro_batch.py). Two finished runs whose
+settings differ only in these are the same run (:func:`same_run`; the demo reuses such a row)."""
+
+
+def same_run(a: Mapping, b: Mapping) -> bool:
+    """Whether two resolved settings (:meth:`Method.settings`, or records holding them under
+    ``resolved``) describe the same run: equal once the :data:`EXECUTION_OPTIONS` are left out."""
+
+    def strip(d):
+        if isinstance(d, Mapping):
+            return {k: strip(v) for k, v in d.items() if k not in EXECUTION_OPTIONS}
+        return d
+
+    return strip(a) == strip(b)
+
+
 @dataclass
 class MethodConfig:
     """Options of a learned merge. Each field is also a ``--options.<field>`` CLI override."""
@@ -88,14 +107,14 @@ class MethodConfig:
     # the mean loss over the last W steps is less than d (relative) below the mean of the W before
     early_stop: dict | None = None
     batch_size: int = 16
-    # true (default): each task's forward + backward alone against the merged weights, then ONE
-    # backward through the merge (one task's activations alive); auto: the same, each task's batch
-    # cut into chunks chosen from a measurement (adamerge.train.loop.auto_chunk: a chunk's
-    # activations stay under the larger of 64 MiB and the merged weights' size; objectives that
-    # average over samples only) -- on this CPU it cost 17-25% of the step time for 5-7% of the
-    # peak (docs/performance.md), so it is not the default; N: chunks of at most N samples (sample
-    # means only); false: one batched forward over every task (wide GPUs with memory to spare)
-    micro_batch: bool | int | str = True
+    # auto (default): each task's forward + backward alone against the merged weights, then ONE
+    # backward through the merge, each task's batch cut into equal chunks whose activations stay
+    # under the larger of 64 MiB and the merged weights' size (measured on the first step's first
+    # sample as it runs: adamerge.train.loop.SavedBytes; objectives that average over samples,
+    # others one task at a time); true: one task at a time, never cut; N: chunks of at most N
+    # samples (sample means only); false: one batched forward over every task (wide GPUs with
+    # memory to spare). How a step is computed, not what: see EXECUTION_OPTIONS
+    micro_batch: bool | int | str = "auto"
     ties_density: float | None = None
     preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"

@@ -68,29 +68,40 @@ def _zero_gradients(leaves: Mapping[str, Tensor], reached: set[str]) -> None:
 AUTO_CHUNK_FLOOR = 64 * 2**20
 """``micro_batch: auto``: a chunk's activations may use the larger of this and the merged weights' size."""
 
+PROBE = -1
+""":meth:`MergeModule._chunk`'s answer while ``micro_batch: auto`` has not measured yet: run one
+sample, and measure what autograd saves for it."""
 
-def _saved_bytes(forward: Callable[[Tensor], Tensor], x: Tensor) -> int:
-    """Bytes of the tensors autograd saves for the backward of ``forward(x)`` (each storage once)."""
-    seen: dict[int, int] = {}
 
-    def pack(t: Tensor) -> Tensor:
+class SavedBytes:
+    """Counts the bytes of the tensors autograd saves for the backward while it is active (each
+    tensor once; a view counts its own elements, an expanded one at most its storage), leaving
+    out the storages in ``exclude`` (the weights: saved alike whatever the batch). The tensors
+    are saved as usual, so the measured forward is an ordinary one, its backward included.
+    ``micro_batch: auto`` measures the first task's first chunk (one sample) with it."""
+
+    def __init__(self, exclude: Sequence[Tensor] = ()) -> None:
+        self.exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self.seen: dict[tuple[int, int], int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self.exclude:
+            key = (t.data_ptr(), t.numel())
+            self.seen[key] = min(t.numel() * t.element_size(), storage.nbytes())
         return t
 
-    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        forward(x)
-    return sum(seen.values())
+    @property
+    def bytes(self) -> int:
+        return sum(self.seen.values())
 
+    def __enter__(self) -> "SavedBytes":
+        self._hooks.__enter__()
+        return self
 
-def auto_chunk(forward: Callable[[Tensor], Tensor], x: Tensor, budget: int) -> dict:
-    """``micro_batch: auto``: measure the activations one more sample adds (what autograd saves
-    for 2 samples minus for 1: the weights, saved alike, cancel) and keep it with the budget. A
-    task's batch is then cut into as few equal chunks as keep each under the budget."""
-    n = min(2, x.shape[0])
-    one = _saved_bytes(forward, x[:1].clone())  # copies: a slice would count the whole batch's storage
-    per_sample = max(1, _saved_bytes(forward, x[:n].clone()) - one) if n == 2 else one
-    return {"bytes_per_sample": int(per_sample), "budget_bytes": int(budget)}
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
 
 
 def chunk_size(chunking: Mapping[str, int], batch: int) -> int:
@@ -240,12 +251,18 @@ class MergeModule(L.LightningModule):
         values: dict[str, Tensor] = {}
         with self.merged.fixed_parameters(leaves):
             for n, x in inputs.items():
-                size = x.shape[0]
-                chunk = self._chunk(n, x, leaves)
-                for lo in range(0, size, chunk or size):
-                    part = slice(lo, min(size, lo + (chunk or size)))
+                size, lo = x.shape[0], 0
+                while lo < size:
+                    chunk = self._chunk(size)
+                    part = slice(lo, min(size, lo + (1 if chunk == PROBE else chunk or size)))
                     one = StepBatch({n: x[part]}, {n: index[n][part]}) if index is not None else {n: x[part]}
-                    value = self.task_losses(one)[n] * ((part.stop - part.start) / size)
+                    # micro_batch: auto measures its first chunk (one sample) as it runs: no extra forward
+                    with self._measure(leaves) if chunk == PROBE else contextlib.nullcontext() as meter:
+                        value = self.task_losses(one)[n] * ((part.stop - part.start) / size)
+                    if meter is not None:
+                        budget = max(AUTO_CHUNK_FLOOR, sum(v.numel() * v.element_size() for v in leaves.values()))
+                        self.chunking = {"bytes_per_sample": max(1, meter.bytes), "budget_bytes": int(budget)}
+                    lo = part.stop
                     if check and not torch.isfinite(value):
                         raise NonFiniteLossError(f"non-finite loss at step {self.global_step} for task(s) ['{n}']")
                     if grad:
@@ -263,22 +280,23 @@ class MergeModule(L.LightningModule):
         first = next(iter(values))
         return {n: v + carrier.to(v.dtype) if n == first else v for n, v in values.items()}
 
-    def _chunk(self, task: str, x: Tensor, leaves: Mapping[str, Tensor]) -> int | None:
-        """The samples per chunk of one task's micro-batch (``None``: the task's batch whole)."""
+    def _chunk(self, size: int) -> int | None:
+        """The samples per chunk of a task's micro-batch of ``size`` (``None``: the batch whole;
+        :data:`PROBE`: one sample, measured, before ``micro_batch: auto`` knows its chunk)."""
         mb = self.cfg.micro_batch
         if mb is True or (mb == "auto" and not averages_over_samples(self.cfg.objective, self.cfg.objective_args)):
             return None
         if mb != "auto":
             return int(mb)
-        if self.chunking is None:  # measured once, on the first task's first samples, with gradients
-            if not torch.is_grad_enabled():
-                return None
-            budget = max(AUTO_CHUNK_FLOOR, sum(v.numel() * v.element_size() for v in leaves.values()))
-            self.chunking = auto_chunk(lambda inp: self._probe_forward(task, inp), x, budget)
-        return chunk_size(self.chunking, x.shape[0])
+        if self.chunking is None:  # measured once, on the first task's first sample of a step with gradients
+            return PROBE if torch.is_grad_enabled() and size > 1 else None
+        return chunk_size(self.chunking, size)
 
-    def _probe_forward(self, task: str, x: Tensor) -> Tensor:
-        return self.heads[task](self.merged(images_layout(x, self.merged)))
+    def _measure(self, leaves: Mapping[str, Tensor]) -> "SavedBytes":
+        """A meter of the activations one chunk saves: the merged weights, the heads' and every
+        other module tensor left out (their storages are saved whatever the batch)."""
+        fixed = [*leaves.values(), *self.heads.parameters(), *self.heads.buffers(), *self.merged.buffers()]
+        return SavedBytes(fixed)
 
     def log_step(self, loss: Tensor, losses: Mapping[str, Tensor]) -> None:
         """Per-task losses, the total and coefficient statistics (before this step's update)."""
@@ -332,11 +350,14 @@ class MergeModule(L.LightningModule):
         checkpoint["adamerge_stop_reason"] = self.stop_reason
         checkpoint["adamerge_recent_losses"] = list(self._recent)
         checkpoint["adamerge_solver"] = self.solver.state_dict()
+        # micro_batch: auto's measured chunking: a resumed run cuts its batches as the first run did
+        checkpoint["adamerge_chunking"] = self.chunking
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.stop_reason = checkpoint.get("adamerge_stop_reason")
         self._recent = list(checkpoint.get("adamerge_recent_losses") or [])
         self.solver.load_state_dict(checkpoint.get("adamerge_solver") or {})
+        self.chunking = checkpoint.get("adamerge_chunking") or self.chunking
 
 
 class StepDataModule(L.LightningDataModule):

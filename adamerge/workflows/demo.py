@@ -18,6 +18,7 @@ from adamerge.train.data import LinearHead, stream_from_tensors
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_write_json, atomic_write_text
 from adamerge.methods import build_data_free, create_method
+from adamerge.methods.base import same_run
 from adamerge.train.runs import RunFolder
 from adamerge.core.task_vectors import TaskVectors
 from adamerge.plan import fit
@@ -238,7 +239,8 @@ def run_demo(
         row_cfg = row_config(out, zoo, tasks, seed, method, options, run_dir,
                              labeled=create_method(method).uses_labels_with(create_method(method).config(options)),
                              pool=pool if method == "fw_merging" else None)
-        if marker.is_file() and json.loads(marker.read_text()) == spec and RunFolder(run_dir).is_finished():
+        # (a run made under other execution options, e.g. micro_batch, is the same run: same_run)
+        if marker.is_file() and same_run(json.loads(marker.read_text()), spec) and RunFolder(run_dir).is_finished():
             res = RunFolder(run_dir).read_results()
             say(f"[demo] reusing the finished run of {name}")
             if not RunFolder(run_dir).config_path.is_file():
