@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="task-vector storage")
     p.add_argument("--granularity", default="layer")
     p.add_argument("--per-task", action="store_true",
-                   help="each task's images forward + backward alone (options.micro_batch, the default), the"
+                   help="each task's images forward + backward alone (options.micro_batch: true, never cut), the"
                         " reference likewise; without it, one batched forward over every task")
     p.add_argument(
         "--threads", type=int, default=1,

@@ -64,6 +64,34 @@ def test_a_row_is_refitted_when_a_default_of_its_option_classes_changes(demo_out
     assert t3.settings(t3.config({}))["method_args"]["gamma"] == 5.0
 
 
+def test_a_row_made_under_other_execution_options_is_the_same_run(demo_out, capsys):
+    """``micro_batch`` says how a step is computed, not what (the chunked and whole steps agree to
+    float rounding: test_micro_batch.py): a finished row whose marker records another micro_batch
+    is reused; one whose lr differs is not the same run."""
+    from adamerge.methods.base import EXECUTION_OPTIONS, same_run
+
+    assert EXECUTION_OPTIONS == ("micro_batch",)
+    path = demo_out / "runs" / "doge" / "demo_row.json"
+    original = path.read_text()
+    marker = json.loads(original)
+    assert marker["resolved"]["config"]["micro_batch"] == "auto"
+    other = json.loads(original)
+    other["resolved"]["config"]["micro_batch"] = True
+    assert same_run(other, marker) and other != marker
+    slower = json.loads(original)
+    slower["resolved"]["config"]["lr"] = 0.5
+    assert not same_run(slower, marker)
+    table = (demo_out / "results.json").read_text()
+    path.write_text(json.dumps(other))
+    try:
+        cache = (demo_out / "cache_dir.txt").read_text()
+        assert main(["demo", "--quick", "--out", str(demo_out), "--cache-dir", cache, "--rows", "doge"]) == 0
+        assert "reusing the finished run of doge" in capsys.readouterr().err
+    finally:
+        path.write_text(original)
+        (demo_out / "results.json").write_text(table)  # the other tests read the full table
+
+
 def test_demo_writes_results_plots_and_export(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     tasks = results["tasks"]
