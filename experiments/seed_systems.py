@@ -51,8 +51,6 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "doge(lam_mean=0.2)": ("doge", {"solver_args": {"lam_mean": 0.2}}),
     "doge(trim=0.2)": ("doge", {"solver_args": {"trim": 0.2}}),
     "doge(steps=100)": ("doge", {"steps": 100}),
-    # session 32: FW-Soft's oracle and nested AdaMerging on the trust-weighted expert objective
-    "fw_merging(soft,trusted_distill)": ("fw_merging", {"objective": "trusted_distill", "method_args": {"soft": True}}),
 }
 
 

@@ -408,3 +408,20 @@ def test_fw_soft_nested_fits_distill_each_tasks_own_expert(tiny_zoo_dir, tmp_pat
             assert torch.allclose(got[:, 0] if objective == "trusted_distill" else got, want, atol=1e-4), s.name
         if objective == "trusted_distill":  # the nested fit's anchor: its start, task arithmetic over the set
             assert torch.allclose(seen[1][s.name][:, 1], logits(ta, s), atol=1e-4), s.name
+
+
+def test_fw_soft_defaults_to_the_trusted_expert_objective_and_hard_to_the_collapse_safe_one():
+    """Issue 23's defaults: FW-Soft's oracle and nested AdaMerging on ``trusted_distill`` (its
+    collapse-safe default collapsed a task on the seed-2 subset), hard mode unchanged; an objective
+    given always wins, and the default's options never carry over to another objective."""
+    from adamerge.methods import create_method
+
+    m = create_method("fw_merging")
+    assert (m.config({}).objective, m.config({}).objective_args) == ("infomax", {"floor": 0.9})
+    for soft in (True, "true"):
+        cfg = m.config({"method_args": {"soft": soft}})
+        assert (cfg.objective, cfg.objective_args) == ("trusted_distill", {})
+    assert m.config({"method_args": {"soft": True}, "objective": "entropy"}).objective == "entropy"
+    assert m.config({"method_args": {"soft": True}, "objective_args": {"confidence": 0.8}}).objective_args == {"confidence": 0.8}
+    with pytest.raises(InputError):
+        m.config({"method_args": {"soft": "maybe"}})

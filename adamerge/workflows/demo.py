@@ -109,6 +109,11 @@ LEARNED |= {
     "t3_b": ("t3", {"method_args": {"per": "batch"}}),
     "fw_merging(hard)": ("fw_merging", {}),
     "fw_merging(soft)": ("fw_merging", {"method_args": {"soft": True}}),
+    # FW-Soft's former default (issue 23): the collapse-safe objective for the oracle and the
+    # nested AdaMerging; and the unlabeled paper's entropy
+    "fw_merging(soft,infomax)": ("fw_merging", {"objective": "infomax", "objective_args": {"floor": 0.9},
+                                                "method_args": {"soft": True}}),
+    "fw_merging(soft,paper)": ("fw_merging", {"objective": "entropy", "method_args": {"soft": True}}),
 }
 # the data-free merges of issue 15: the recommended method started from one of them
 LEARNED |= {
