@@ -44,7 +44,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "atlas(test_time,init=0)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "init": 0.0}),
     "atlas(test_time,trusted=0.5)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "method_args": {"trusted_fraction": 0.5, "trusted_share": 0.5}}),
     "atlas(test_time,paper_view)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "method_args": {"flip": True, "crop_min": 0.5}}),
-    "fw_merging(hard,trusted_distill)": ("fw_merging", {"objective": "trusted_distill"}),
+    "fw_merging(hard,schedule,trusted_distill)": ("fw_merging", {"objective": "trusted_distill",
+                                                                 "method_args": {"step_rule": "schedule"}}),
     "atlas(test_time,no_flip)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "method_args": {"flip": False, "crop_min": 0.5}}),
     # session 32: a weaker DOGE merge (δ strengthens it; sub2 and full1 prefer task arithmetic's strength)
     "doge(lam_mean=0.25)": ("doge", {"solver_args": {"lam_mean": 0.25}}),

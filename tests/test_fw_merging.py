@@ -12,8 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from adamerge.cli import main
 from adamerge.errors import InputError
-from adamerge.methods.fw_merging import (START, FWOptions, distinct, fw_update, oracle_scores, select,
-                                         vertex_coordinates)
+from adamerge.methods.fw_merging import (START, FWOptions, distinct, fw_update, line_search_steps, oracle_scores,
+                                         select, vertex_coordinates)
 from adamerge.core.pool import CheckpointPool
 from helpers import TASKS, write_config
 
@@ -159,7 +159,13 @@ def test_fw_merging_never_selects_a_distractor_and_its_export_reproduces_the_run
     assert fw["weight_per_candidate"]["noise"] == fw["weight_per_candidate"]["anti"] == 0.0
     # hard mode starts from task arithmetic by default (fw_hard.py's start, over the experts only)
     assert fw["settings"]["start"] == "task_arithmetic" and fw["start_candidate"] is True
-    assert [h["step"] for h in fw["history"]] == pytest.approx([0.3 * 0.1 * 2 / (t + 2) for t in range(4)])
+    # the default line search: the steps tried are multiples of the schedule's a_t (capped at 1/|S|),
+    # the one taken has the lowest objective on the iteration's batch, and no move scores the loss
+    for t, h in enumerate(fw["history"]):
+        a_t = 0.3 * 0.1 * 2 / (t + 2)
+        tried = {float(a): v for a, v in h["line_search"].items()}
+        assert sorted(tried) == pytest.approx(line_search_steps(a_t, len(h["set"])))
+        assert h["step"] == pytest.approx(min(tried, key=tried.get)) and tried[0.0] == pytest.approx(h["loss"])
     out = tmp_path / "export"
     assert main(["export", str(tmp_path / "run"), str(out)]) == 0
     meta = json.loads((out / "adamerge.json").read_text())
@@ -260,7 +266,7 @@ def test_fw_soft_chooses_each_tasks_expert_and_replaces_the_model_by_the_nested_
 
 
 def test_fw_hard_starts_from_the_pretrained_model_with_a_full_first_step(tiny_zoo_dir, tmp_path):
-    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 3, "start": "pretrained"})
+    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 3, "start": "pretrained", "step_rule": "schedule"})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     run = tmp_path / "run"
     results = json.loads((run / "results.json").read_text())
@@ -296,7 +302,8 @@ def test_fw_hard_starts_from_the_pretrained_model_with_a_full_first_step(tiny_zo
 
 
 def test_fw_hard_from_task_arithmetic_with_one_summed_gradient_is_fw_hard_py(tiny_zoo_dir, tmp_path):
-    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 2, "start": "task_arithmetic", "choose": "summed"})
+    cfg = _two_task_config(tmp_path, tiny_zoo_dir, {"iterations": 2, "start": "task_arithmetic", "choose": "summed",
+                                                           "step_rule": "schedule"})
     assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
     fw = json.loads((tmp_path / "run" / "results.json").read_text())["fw_merging"]
     names, keys = list(fw["pool"]), _keys()
@@ -425,3 +432,35 @@ def test_fw_soft_defaults_to_the_trusted_expert_objective_and_hard_to_the_collap
     assert m.config({"method_args": {"soft": True}, "objective_args": {"confidence": 0.8}}).objective_args == {"confidence": 0.8}
     with pytest.raises(InputError):
         m.config({"method_args": {"soft": "maybe"}})
+
+
+@pytest.mark.parametrize("slope", [1.0, -1.0])
+def test_fw_hard_line_search_refuses_a_step_that_raises_the_objective(tmp_path, slope):
+    """Hard mode's default ``step_rule: line_search``: the oracle chooses a vertex; if the
+    objective rises along the move (slope +1) θ stays where it is (step 0), if it falls (slope −1)
+    the largest step tried is taken (4·a_t here, under the cap 1/|S|). ``schedule`` always takes a_t."""
+    from adamerge.methods.fw_merging import FWMerging, fw_options
+
+    base = {"w": torch.zeros(4)}
+    pool = CheckpointPool(_write_pool(tmp_path, base, {"x": {"w": torch.ones(4)}, "y": {"w": -torch.ones(4)}}), base, ["w"])
+    mu = torch.zeros(2, 1, dtype=torch.float64)
+
+    def gradients(theta, t):  # descent towards x
+        return {"task": 1.0}, {"task": {"w": -torch.ones(4)}}
+
+    def value(theta, t):  # the objective along the move: 1 + slope · (distance moved)
+        return 1.0 + slope * float(theta["w"].sum())
+
+    for rule in ("line_search", "schedule"):
+        opts = fw_options(create_method_config({"method_args": {"step_rule": rule, "start": "pretrained"}}))
+        new, entry = FWMerging()._iteration(None, pool, mu, 1, (gradients, value), None, None, ["x", "y"], opts)
+        a_t = 0.3 * 0.1 * 2 / 3
+        want = a_t if rule == "schedule" else (0.0 if slope > 0 else 4 * a_t)
+        assert entry["set"] == ["x"] and entry["step"] == pytest.approx(want)
+        assert new[0, 0] == pytest.approx(want) and new[1, 0] == 0
+
+
+def create_method_config(options: dict):
+    from adamerge.methods import create_method
+
+    return create_method("fw_merging").config(options)

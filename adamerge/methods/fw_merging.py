@@ -84,6 +84,10 @@ class FWOptions:
     soft_steps: int = option(200, low=0)  # the nested AdaMerging's Adam steps per iteration
     soft_lr: float = option(1e-2, low=0, low_open=True)
     soft_init: float = option(0.0, low=0)  # the nested coefficients after the first iteration (the original: 1e-8)
+    # hard mode's step: line_search takes the candidate of {0, a_t/2, a_t, 2a_t, 4a_t} (at most 1/|S|,
+    # so θ stays between θ and the vertices) with the lowest objective on the iteration's batch
+    # (a step that raises the unlabeled objective is not taken); schedule: always a_t (the paper's)
+    step_rule: str = option("line_search", choices=("line_search", "schedule"))
 
     def __post_init__(self) -> None:
         check_fields(self, "fw_merging option")
@@ -159,6 +163,17 @@ def fw_update(mu: Tensor, vertices: Tensor, weights: Tensor) -> Tensor:
     ``[S, K]``): θ moves towards each chosen vertex by its per-tensor weight. Hard mode's weights
     are ``a_t`` everywhere; FW-Soft's are the nested AdaMerging's coefficients."""
     return mu + (weights[:, None, :].to(mu.dtype) * (vertices - mu)).sum(0)
+
+
+LINE_SEARCH_FACTORS = (0.0, 0.5, 1.0, 2.0, 4.0)
+"""Hard mode's ``step_rule: line_search``: the multiples of the schedule's ``a_t`` it tries."""
+
+
+def line_search_steps(a_t: float, vertices: int) -> list[float]:
+    """The steps hard mode's line search tries: multiples of ``a_t`` up to ``1/|S|`` (beyond it
+    θ would leave the hull of θ and the chosen vertices), 0 (no move) first."""
+    cap = 1.0 / max(1, vertices)
+    return sorted({min(f * a_t, cap) for f in LINE_SEARCH_FACTORS})
 
 
 def step_weight(t: int, opts: FWOptions) -> float:
@@ -311,6 +326,7 @@ class FWMerging(Method):
         ``a_t`` towards each vertex of S; soft: θ replaced by the nested AdaMerging over S).
         Returns the new μ and the history entry."""
         theta = pool.merge(mu)
+        gradients, value = gradients
         losses, grads = gradients(theta, t)
         groups = list(grads)
         scores = oracle_scores([grads[g] for g in groups], pool, opts.score, start_state)
@@ -326,13 +342,21 @@ class FWMerging(Method):
             entry["soft_coefficients"] = {n: float(w.mean()) for n, w in zip(vnames, weights)}
         else:
             entry["step"] = step_weight(t, opts)
+            if opts.step_rule == "line_search":  # the tried steps' objective on this iteration's batch
+                tried = {}
+                for a in line_search_steps(entry["step"], len(keep)):
+                    ones = torch.full((len(keep), len(pool.keys)), a, dtype=torch.float64)
+                    tried[a] = value(pool.merge(fw_update(mu, vertices, ones)), t) if a > 0 else sum(losses.values())
+                entry["line_search"] = {f"{a:.6g}": v for a, v in tried.items()}
+                entry["step"] = min(tried, key=lambda a: (tried[a], a))  # ties: the smaller step
             weights = torch.full((len(keep), len(pool.keys)), entry["step"], dtype=torch.float64)
         return fw_update(mu, vertices, weights), entry
 
     def _gradients(self, ctx: FitContext, arch, buffers: dict, opts: FWOptions):
-        """``gradients(θ, t) -> ({task: loss}, {group: gradient})``: the objective's gradient at θ
-        on iteration t's batch, one per task (``per_task``) or of their sum (``summed``: group
-        ``all``). One task's activations are alive at a time."""
+        """``(gradients, value)``: ``gradients(θ, t) -> ({task: loss}, {group: gradient})``, the
+        objective's gradient at θ on iteration t's batch, one per task (``per_task``) or of their
+        sum (``summed``: group ``all``), one task's activations alive at a time; ``value(θ, t)``,
+        the objective summed over tasks on the same batch (no gradient: the line search)."""
         from adamerge.train.objectives import get_objective, target_kind
 
         cfg = ctx.cfg
@@ -363,7 +387,17 @@ class FWMerging(Method):
                 grads = {"all": {k: sum(g[k] for g in grads.values()) for k in theta}}
             return losses, grads
 
-        return gradients
+        @torch.no_grad()
+        def value(theta: dict[str, Tensor], step: int) -> float:
+            batch, total = batches.draw(step), 0.0
+            for task, x in batch.inputs.items():
+                loss = task_loss(theta, task, x, batch.index[task])
+                if not torch.isfinite(loss):
+                    raise NonFiniteLossError(f"fw_merging: non-finite loss in the line search at iteration {step} for task '{task}'")
+                total += float(loss)
+            return total
+
+        return gradients, value
 
     def _soft_weights(self, ctx: FitContext, pool, theta: dict, vertices: Tensor, vnames: list[str], t: int,
                       opts: FWOptions) -> Tensor:

@@ -108,6 +108,9 @@ LEARNED |= {
     "t3": ("t3", {}),
     "t3_b": ("t3", {"method_args": {"per": "batch"}}),
     "fw_merging(hard)": ("fw_merging", {}),
+    # hard mode's step a_t = 2/(t+2) · step_size · scale every iteration (the paper's schedule; the
+    # default line search takes the step of {0, a_t/2, a_t, 2a_t, 4a_t} with the lowest objective)
+    "fw_merging(hard,schedule)": ("fw_merging", {"method_args": {"step_rule": "schedule"}}),
     "fw_merging(soft)": ("fw_merging", {"method_args": {"soft": True}}),
     # FW-Soft's former default (issue 23): the collapse-safe objective for the oracle and the
     # nested AdaMerging; and the unlabeled paper's entropy
