@@ -52,6 +52,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "doge(lam_mean=0.2)": ("doge", {"solver_args": {"lam_mean": 0.2}}),
     "doge(trim=0.2)": ("doge", {"solver_args": {"trim": 0.2}}),
     "doge(steps=100)": ("doge", {"steps": 100}),
+    "doge(keep=subspace)": ("doge", {"solver_args": {"keep": "subspace"}}),
+    "doge(project=update)": ("doge", {"solver_args": {"project": "update"}}),
 }
 
 

@@ -17,9 +17,10 @@ Iteration t:
 
 1. the gradient of the objective at θ, one per task (``choose: per_task``: the authors' FW-Soft
    and evaluation scripts) or one of the tasks' sum (``summed``: ``fw_hard.py``), by default of the
-   library's collapse-safe objective on the unlabeled streams (``infomax``, floor 0.9; FW-Soft's
-   AdaMerging uses the same), ``entropy`` the paper's; ``cross_entropy`` on a labeled split marks
-   ``uses_labels``;
+   library's collapse-safe objective on the unlabeled streams (``infomax``, floor 0.9) in hard
+   mode and ``trusted_distill`` in FW-Soft (the oracle and the nested AdaMerging: each task's own
+   expert's predictions, passed into the nested fit), ``entropy`` the paper's; ``cross_entropy`` on
+   a labeled split marks ``uses_labels``;
 2. the oracle streams the pool (:class:`adamerge.core.pool.CheckpointPool`) once and every
    gradient scores every candidate per tensor: ``linear`` = ⟨g_k, θ_c,k − θ0,k⟩ (the exact linear
    minimisation oracle; the default) or ``cosine`` = cos(g_k, θ_c,k) against the full weights (the
@@ -28,9 +29,11 @@ Iteration t:
    original default) or a candidate per tensor (``layer``). The chosen set S is the union of those
    vertices (a vertex chosen by two tasks counts once; the original makes a later task take its
    next-best instead, which can force a distractor in);
-3. hard: ``θ ← θ + a_t Σ_{v∈S} (θ_v − θ)``, ``a_t = scale · γ_t``, ``γ_t = 2/(t+2) · step_size``,
-   except ``γ_0 = 1`` from the pretrained model (a full first step: task arithmetic over S, as
-   the authors' scripts). Soft: a layer-wise AdaMerging over S anchored at θ (task vectors
+3. hard: ``θ ← θ + a Σ_{v∈S} (θ_v − θ)``; the paper's schedule (``step_rule: schedule``) takes
+   ``a = a_t = scale · γ_t``, ``γ_t = 2/(t+2) · step_size``, except ``γ_0 = 1`` from the pretrained
+   model (a full first step: task arithmetic over S, as the authors' scripts); the default
+   ``line_search`` takes the one of ``{0, a_t/2, a_t, 2a_t, 4a_t}`` (at most 1/|S|) with the lowest
+   objective on the iteration's batch. Soft: a layer-wise AdaMerging over S anchored at θ (task vectors
    ``θ_v − θ``, coefficients starting at ``init`` in the first iteration and ``soft_init`` after;
    a nested Lightning fit), and θ is *replaced* by its result:
    ``μ ← μ + Σ_{v∈S} λ_v ⊙ (μ_v − μ)`` with the learned per-tensor ``λ_v`` (no damping).
