@@ -292,14 +292,14 @@ class FWMerging(Method):
         arch = _meta_copy(ctx.model)
         buffers = {k: v for k, v in ctx.tv.base.items() if k not in set(keys)}
         buffers.update({n: b for n, b in ctx.model.named_buffers() if n not in ctx.tv.base})
-        gradients = self._gradients(ctx, arch, buffers, opts)
+        objective = self._gradients(ctx, arch, buffers, opts)
         start_theta = pool.merge(mu0)
         before = ctx.evaluate(StateModule(arch, {**start_theta, **buffers}), ctx.heads, ctx.streams, ctx.eval_batch_size)
         start_state = start_theta if start_candidate else None  # the start's weights, to score it as a candidate
         del start_theta
         vertex_start = mu0 if start_candidate else None
         for t in range(len(history), opts.iterations):
-            mu, entry = self._iteration(ctx, pool, mu, t, gradients, start_state, vertex_start, names, opts)
+            mu, entry = self._iteration(ctx, pool, mu, t, objective, start_state, vertex_start, names, opts)
             history.append(entry)
             ctx.run.save_state({"pool_coefficients": mu}, {"stages_done": 0, "solver": "fw_merging",
                                                            "fw": json.dumps({"history": history})})
@@ -323,13 +323,13 @@ class FWMerging(Method):
             raise InputError(f"{ctx.run.state_path}: pool coefficients {tuple(mu.shape)} do not fit this pool")
         return mu, json.loads(ctx.run.state_meta().get("fw", "{}")).get("history", [])
 
-    def _iteration(self, ctx: FitContext, pool, mu: Tensor, t: int, gradients, start_state: dict | None,
+    def _iteration(self, ctx: FitContext, pool, mu: Tensor, t: int, objective, start_state: dict | None,
                    vertex_start: Tensor | None, names: list[str], opts: FWOptions) -> tuple[Tensor, dict]:
         """Iteration t: the gradients at θ, each one's vertex, their union S, and the move (hard:
-        ``a_t`` towards each vertex of S; soft: θ replaced by the nested AdaMerging over S).
-        Returns the new μ and the history entry."""
+        the step towards each vertex of S; soft: θ replaced by the nested AdaMerging over S).
+        ``objective`` is :meth:`_gradients`' pair. Returns the new μ and the history entry."""
         theta = pool.merge(mu)
-        gradients, value = gradients
+        gradients, value = objective
         losses, grads = gradients(theta, t)
         groups = list(grads)
         scores = oracle_scores([grads[g] for g in groups], pool, opts.score, start_state)
