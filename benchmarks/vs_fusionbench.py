@@ -419,6 +419,20 @@ def compare(spec: dict, args, work: Path, say) -> dict:
             "rounds": args.rounds, "ours_options": rounds["ours"][0]["options"]}
 
 
+def ours_only(spec: dict, args, work: Path, say) -> dict:
+    """``--ours-only``: adamerge's worker alone for ``args.rounds`` rounds (what an option costs or
+    saves on our side, e.g. ``--micro-batch true`` against ``auto``); medians and ranges."""
+    recs = []
+    for r in range(args.rounds):
+        recs.append(_run_worker("ours", spec, sys.executable, work, args.threads, args.timeout))
+        say(f"[{spec['name']}] round {r + 1}/{args.rounds} ours: {recs[-1]['step_s']:.3f} s/step, "
+            f"peak {recs[-1]['peak_mb']:.0f} MiB (held at start {recs[-1]['start_rss_mb']:.0f})")
+    out = {f"ours_{k}": statistics.median(r[k] for r in recs) for k in ("step_s", "peak_mb", "start_rss_mb", "build_peak_mb")}
+    return out | {f"ours_{k}_range": [min(r[k] for r in recs), max(r[k] for r in recs)] for k in ("step_s", "peak_mb")} | {
+        "ours_micro_batch": recs[0].get("micro_batch"), "ours_options": recs[0]["options"], "rounds": args.rounds,
+        "tasks": spec["tasks"], "batch_per_task": spec["batch"], "timed_steps": spec["timed"]}
+
+
 def _zoo_parts(spec: dict) -> tuple:
     """The demo zoo's labeled test streams, heads and task vectors, for adamerge's side."""
     from safetensors.torch import load_file
@@ -575,7 +589,7 @@ def _parse(argv=None):
     p.add_argument("--peer-steps", type=int, default=1000)
     p.add_argument("--eval-every", type=int, default=5)
     p.add_argument("--scale", default=None, help="memory against T, e.g. 2,4,8,16,20 (ViT-B-32)")
-    p.add_argument("--ours-only", action="store_true", help="--scale without the peer")
+    p.add_argument("--ours-only", action="store_true", help="adamerge's side alone (--scale, or the cases: what an option costs on our side)")
     p.add_argument("--plot", default=None, help="--scale: the plot's PNG path")
     p.add_argument("--json", default=None)
     p.add_argument("--work", default=None, help="folder for the workers' files (default: a temporary one)")
@@ -617,7 +631,8 @@ def main(argv=None) -> int:
             names = ["small_vit"] if args.quick else args.cases.split(",")
             if args.quick:
                 args.rounds = min(args.rounds, 2)
-            result["cases"] = {n: compare(_case_spec(n, args, work), args, work, say) for n in names}
+            run = ours_only if args.ours_only else compare
+            result["cases"] = {n: run(_case_spec(n, args, work), args, work, say) for n in names}
             _print_table(result["cases"])
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
@@ -631,6 +646,12 @@ def _machine() -> str:
 
 
 def _print_table(cases: dict) -> None:
+    if all("peer_step_s" not in c for c in cases.values()):  # --ours-only
+        print("case | T | ours s/step | ours peak MiB | held at start MiB | micro_batch chunk")
+        for name, c in cases.items():
+            chunk = (c["ours_micro_batch"] or {}).get("chunk", c["ours_options"]["micro_batch"])
+            print(f"{name} | {c['tasks']} | {c['ours_step_s']:.3f} | {c['ours_peak_mb']:.0f} | {c['ours_start_rss_mb']:.0f} | {chunk}")
+        return
     cols = ["case", "T", "ours s/step", "peer s/step", "speedup (peer/ours)", "ours peak MiB", "peer peak MiB",
             "memory (ours/peer)", "build peak MiB (ours/peer)", "max |Δw|"]
     print(" | ".join(cols))

@@ -122,3 +122,17 @@ def test_sharded_fit_benchmark_runs_on_the_tiny_zoo(tmp_path, capsys):
     assert two["grad0_rel_diff_median"] < 1e-5 and two["grad0_sign_flips"] == 0 and one["grad0_rel_diff_max"] == 0
     assert all(r["step_s"] > 0 and r["train_peak_mib_per_rank"] > 0 for r in (one, two))
     assert "| tiny | 2 | shard | 1 |" in capsys.readouterr().out
+
+
+def test_vs_fusionbench_ours_only_runs_our_side_alone_and_reports_the_auto_chunking(tmp_path, capsys):
+    """``--ours-only`` on the cases: our worker alone (no peer environment needed), medians and
+    ranges over the rounds, and the options it ran with (here ``micro_batch: auto`` and what it chose)."""
+    out = tmp_path / "ours.json"
+    assert _vs_fusionbench()["main"](["--cases", "tiny", "--rounds", "2", "--ours-only", "--micro-batch", "auto",
+                                       "--peer-python", str(tmp_path / "absent"), "--json", str(out)]) == 0
+    case = json.loads(out.read_text())["cases"]["tiny"]
+    assert "peer_step_s" not in case and case["rounds"] == 2 and case["ours_options"]["micro_batch"] == "auto"
+    lo, hi = case["ours_step_s_range"]
+    assert 0 < lo <= case["ours_step_s"] <= hi and case["ours_peak_mb"] > 0
+    assert case["ours_micro_batch"]["chunk"] == case["batch_per_task"]  # the tiny model's activations fit the budget
+    assert "tiny | 2 |" in capsys.readouterr().out

@@ -391,7 +391,7 @@ class Method:
             from adamerge.train.expert_targets import expert_logits, merged_logits
             from adamerge.train.objectives import needs_start
 
-            targets = expert_logits(model, experts if experts is not None else tv, heads, streams, cache_dir, say=say)
+            targets = expert_logits(model, tv if experts is None else experts, heads, streams, cache_dir, say=say)
             if needs_start(cfg.objective):
                 # the anchor: this fit's own starting merge (its initial coefficients), once
                 say(f"[expert targets] computing the starting merge's predictions for '{cfg.objective}'")

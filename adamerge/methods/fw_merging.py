@@ -366,6 +366,7 @@ class FWMerging(Method):
         data = self.training_data(cfg, ctx.model, ctx.tv, ctx.heads, ctx.streams, ctx.labeled, ctx.cache_dir,
                                   ctx.say, ctx.seed, {})
         batches = StepBatches(data.streams, cfg.batch_size, opts.iterations, ctx.seed)
+        draw = functools.lru_cache(maxsize=1)(batches.draw)  # an iteration's batch, read once for its gradients and line search
         objective = functools.partial(get_objective(cfg.objective), **cfg.objective_args)
         kind = target_kind(cfg.objective)
 
@@ -377,7 +378,7 @@ class FWMerging(Method):
             return objective(logits)
 
         def gradients(theta: dict[str, Tensor], step: int) -> tuple[dict[str, float], dict[str, dict[str, Tensor]]]:
-            batch, losses, grads = batches.draw(step), {}, {}
+            batch, losses, grads = draw(step), {}, {}
             for task, x in batch.inputs.items():
                 leaves = {k: v.detach().requires_grad_(True) for k, v in theta.items()}
                 loss = task_loss(leaves, task, x, batch.index[task])
@@ -392,7 +393,7 @@ class FWMerging(Method):
 
         @torch.no_grad()
         def value(theta: dict[str, Tensor], step: int) -> float:
-            batch, total = batches.draw(step), 0.0
+            batch, total = draw(step), 0.0
             for task, x in batch.inputs.items():
                 loss = task_loss(theta, task, x, batch.index[task])
                 if not torch.isfinite(loss):
