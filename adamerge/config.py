@@ -269,15 +269,18 @@ def check_tasks(cfg: dict) -> list[str]:
     return tasks
 
 
-def build_all(cfg: dict, *, cache_heads: bool = True) -> dict:
+def build_all(cfg: dict, *, cache_heads: bool = True, shard: tuple[int, int] | None = None) -> dict:
     """Everything a run needs: model, task vectors, heads and streams (built, not checked against
-    each other: :class:`adamerge.plan.RunPlan` runs those checks, once)."""
-    from adamerge.core.task_vectors import TaskVectors
+    each other: :class:`adamerge.plan.RunPlan` runs those checks, once). ``shard=(rank, world)``:
+    this process keeps only its shard of the task vectors of the model's parameters."""
+    from adamerge.core.task_vectors import ShardRequest, TaskVectors
 
     tasks = list(cfg["experts"])
     model, transform = build_model(cfg["model"])
     reader = getattr(model, "read_weights", None)  # a source's own folders (Hugging Face), else weight files
-    tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"], reader=reader)
+    request = None if shard is None else ShardRequest(tuple(n for n, _ in model.named_parameters()), *shard)
+    tv = TaskVectors.from_files(cfg["base"], cfg["experts"], dtype=cfg["storage_dtype"], prefix=cfg["prefix"], reader=reader,
+                                shard=request)
     heads = build_heads(cfg, Path(cfg["run_dir"]) / "cache" if cache_heads else None)
     streams = build_streams(cfg, transform)
     labeled = build_streams(cfg, transform, "labeled") if cfg.get("labeled") else None

@@ -19,6 +19,7 @@ Checks come in two groups, each run at most once per plan (``RunPlan.checks_run`
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -190,6 +191,26 @@ class RunPlan:
         if why:
             raise InputError(f"trainer.strategy {SHARD_STRATEGY} (task vectors sharded across processes): {why}")
 
+    def shard_build(self) -> tuple[int, int] | None:
+        """``(rank, world)`` when this process of a sharded run reads only its shard of the task
+        vectors (``trainer.strategy: shard`` on one machine, a method that never reads them whole
+        before training: :meth:`Method.whole_task_vectors`), else ``None`` (the whole stack is
+        built, and cut once the processes are connected). The rank is Lightning's (its launcher
+        sets ``LOCAL_RANK`` in the processes it starts; the first process is rank 0); the module
+        checks it against the trainer's once connected."""
+        trainer = self.cfg["trainer"]
+        if not self.fitting or trainer.get("strategy") != SHARD_STRATEGY:
+            return None
+        devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+        if not isinstance(devices, int) or isinstance(devices, bool) or devices < 2 or nodes != 1:
+            return None
+        if "LOCAL_RANK" not in os.environ and any(k in os.environ for k in ("SLURM_PROCID", "RANK")):
+            return None  # another launcher's ranks: cut after connecting, where Lightning knows them
+        if self.method.whole_task_vectors(self.options) is not None:
+            return None
+        rank = int(os.environ.get("LOCAL_RANK", "0"))
+        return (rank, devices) if 0 <= rank < devices else None
+
     @property
     def owns_parts(self) -> bool:
         """Whether this plan built its parts itself (nothing else holds them: a sharded run may
@@ -221,7 +242,7 @@ class RunPlan:
         self._check_task_names()
         if self.parts is None:
             self._owns_parts = parts is None
-            self.parts = parts if parts is not None else build_all(self.cfg)
+            self.parts = parts if parts is not None else build_all(self.cfg, shard=self.shard_build())
         self.check_parts()
         return self
 

@@ -3,7 +3,9 @@
 For each case and each R, the driver runs ``adamerge fit --devices R --strategy shard`` (R = 1:
 one process, nothing sharded) through this script's worker mode, which adds three probes to the
 product's loop on every rank: the kernel's peak RSS while the run is built (up to the moment the
-rank has cut its shard: every rank builds the whole stack first, from the files), the RSS held
+rank holds its shard: by default each rank reads only its shard from the files; strategy
+``shard_cut`` makes every rank build the whole stack first and cut it, as before the per-rank
+build existed, for the comparison), the RSS held
 once the shard is cut (and the freed pages handed back), the peak RSS while training (reset
 after the cut), and the wall time of every step. It then compares each R's coefficients with
 R = 1's (the paper's entropy, a mean over samples: R ranks with 1/R of each task's batch follow
@@ -43,6 +45,10 @@ def _worker(args: argparse.Namespace, fit_args: list[str]) -> int:
     from adamerge.memory import process_memory_mb, release_freed_memory, reset_peak_memory
     from adamerge.train.loop import MergeModule
 
+    if os.environ.get("SHARDED_FIT_WHOLE_BUILD") == "1":  # strategy shard_cut: build whole, then cut
+        from adamerge.plan import RunPlan
+
+        RunPlan.shard_build = lambda self: None
     rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
     record: dict = {"rank": rank, "step_s": []}
     setup, batch_end, train_end = MergeModule.setup, MergeModule.on_train_batch_end, MergeModule.on_train_end
@@ -171,8 +177,9 @@ def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tu
         config.write_text(yaml.safe_dump({**cfg, "run_dir": str(run)}))
         fit = ["fit", "--config", str(config), "--no-progress", "--devices", str(world)]
         if world > 1:
-            fit += ["--strategy", strategy]
-        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // world)), "PYTHONUNBUFFERED": "1"}
+            fit += ["--strategy", "shard" if strategy == "shard_cut" else strategy]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, 2 // world)), "PYTHONUNBUFFERED": "1",
+               "SHARDED_FIT_WHOLE_BUILD": "1" if strategy == "shard_cut" else "0"}
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", "--out", str(probes), "--", *fit],
                               env=env, capture_output=True, text=True, cwd=str(folder))
@@ -209,10 +216,11 @@ def run_case(name: str, worlds: list[int], work: Path, say=print, strategies: tu
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| case | R | strategy | threads/rank | task vectors per rank MiB | build peak per rank MiB | held after the cut MiB | training peak per rank MiB | s/step (median) | first step's gradient vs R = 1: median relative diff | sign flips (largest flipped abs gradient; median abs gradient) | max abs coefficient diff vs R = 1 after the run |",
-             "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| case | R | strategy | build | threads/rank | task vectors per rank MiB | build peak per rank MiB | held after the cut MiB | training peak per rank MiB | s/step (median) | first step's gradient vs R = 1: median relative diff | sign flips (largest flipped abs gradient; median abs gradient) | max abs coefficient diff vs R = 1 after the run |",
+             "| --- | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        lines.append(f"| {r['case']} | {r['world']} | {r['strategy']} | {r['threads_per_rank']} | {r['task_vector_mib_per_rank']:.1f} | "
+        build = (r.get("sharding") or {}).get("build", "whole")
+        lines.append(f"| {r['case']} | {r['world']} | {r['strategy']} | {build} | {r['threads_per_rank']} | {r['task_vector_mib_per_rank']:.1f} | "
                      f"{r['build_peak_mib_per_rank']:.0f} | {r['held_after_shard_mib_per_rank']:.0f} | {r['train_peak_mib_per_rank']:.0f} | "
                      f"{r['step_s']:.2f} | {r['grad0_rel_diff_median']:.1e} | {r['grad0_sign_flips']} ({r['grad0_largest_flipped_abs']:.1e}; {r['grad0_median_abs']:.1e}) | "
                      f"{r['max_abs_coef_diff_vs_r1']:.1e} |")
@@ -230,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cases", default="demo_zoo,vitb32", help=f"comma-separated, from {list(CASES)}")
     p.add_argument("--worlds", default="1,2,4")
-    p.add_argument("--strategies", default="shard", help="for R > 1: shard (task vectors sharded), ddp (replicated), or both")
+    p.add_argument("--strategies", default="shard", help="for R > 1: shard (task vectors sharded, each rank reading its"
+                   " shard), shard_cut (sharded, each rank building the whole stack and cutting it), ddp (replicated); several"
+                   " comma-separated")
     p.add_argument("--json")
     p.add_argument("--work", help="folder for the cases' files and runs (default: a temporary folder)")
     args = p.parse_args(argv)

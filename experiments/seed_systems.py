@@ -54,6 +54,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "doge(steps=100)": ("doge", {"steps": 100}),
     "doge(keep=subspace)": ("doge", {"solver_args": {"keep": "subspace"}}),
     "doge(project=update)": ("doge", {"solver_args": {"project": "update"}}),
+    # session 33: Adam moves every entry of δ by about lr per step whatever the layer's scale; at
+    # lr 1e-4 the demo zoo's (Σλ)δ came out a median 4.5x the merged task vector's norm (sub2)
+    "doge(lr=1e-5)": ("doge", {"solver_args": {"lr": 1e-5}}),
+    "doge(lr=3e-5)": ("doge", {"solver_args": {"lr": 3e-5}}),
 }
 
 

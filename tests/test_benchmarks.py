@@ -113,15 +113,20 @@ def test_sharded_fit_benchmark_runs_on_the_tiny_zoo(tmp_path, capsys):
     """Two processes: each rank's probes are read back, the shard is half the stack, and the
     coefficients equal one process's."""
     main = runpy.run_path(str(SCRIPT.parent / "sharded_fit.py"))["main"]
-    assert main(["--cases", "tiny", "--worlds", "1,2", "--json", str(tmp_path / "rows.json"), "--work", str(tmp_path / "w")]) == 0
-    one, two = json.loads((tmp_path / "rows.json").read_text())
+    assert main(["--cases", "tiny", "--worlds", "1,2", "--strategies", "shard,shard_cut", "--json", str(tmp_path / "rows.json"),
+                 "--work", str(tmp_path / "w")]) == 0
+    one, two, cut = json.loads((tmp_path / "rows.json").read_text())
+    # shard: each rank read its shard; shard_cut: each built the whole stack and cut it (the same run otherwise)
+    assert (two["sharding"]["build"], cut["sharding"]["build"]) == ("per_rank_shard", "whole_then_cut")
+    assert cut["max_abs_coef_diff_vs_r1"] < 1e-5
     assert (one["world"], two["world"]) == (1, 2) and one["sharding"] is None
     assert two["task_vector_mib_per_rank"] == pytest.approx(one["task_vector_mib_per_rank"] / 2, rel=0.01)
     assert two["sharding"]["task_vector_bytes_per_rank"] * 2 == pytest.approx(two["sharding"]["task_vector_bytes"], rel=0.01)
     assert two["max_abs_coef_diff_vs_r1"] < 1e-5
     assert two["grad0_rel_diff_median"] < 1e-5 and two["grad0_sign_flips"] == 0 and one["grad0_rel_diff_max"] == 0
     assert all(r["step_s"] > 0 and r["train_peak_mib_per_rank"] > 0 for r in (one, two))
-    assert "| tiny | 2 | shard | 1 |" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "| tiny | 2 | shard | per_rank_shard | 1 |" in out and "| tiny | 2 | shard_cut | whole_then_cut | 1 |" in out
 
 
 def test_vs_fusionbench_ours_only_runs_our_side_alone_and_reports_the_auto_chunking(tmp_path, capsys):

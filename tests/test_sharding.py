@@ -156,7 +156,7 @@ def test_sharded_fit_matches_one_process_and_resumes(tiny_zoo_dir, tmp_path):
     task vectors), and a 2-process run killed after a checkpoint resumes to the same coefficients."""
     exe = [sys.executable, "-m", "adamerge.cli"]
     common = {"options.steps": 6, "options.objective": "entropy", "checkpoint_every": 2}
-    coefs, held = {}, {}
+    coefs, held, before = {}, {}, {}
     for devices in (1, 2, 4):
         cfg = write_config(tmp_path / f"d{devices}", tiny_zoo_dir, **common)
         cmd = exe + ["fit", "--config", str(cfg), "--no-progress", "--devices", str(devices)]
@@ -166,10 +166,14 @@ def test_sharded_fit_matches_one_process_and_resumes(tiny_zoo_dir, tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         run = tmp_path / f"d{devices}" / "run"
         coefs[devices] = load_file(str(run / "coefficients.safetensors"))["coefficients"]
-        held[devices] = json.loads((run / "results.json").read_text()).get("sharding")
+        results = json.loads((run / "results.json").read_text())
+        held[devices], before[devices] = results.get("sharding"), results["before"]
     assert held[1] is None
     for devices in (2, 4):
         torch.testing.assert_close(coefs[devices], coefs[1], rtol=0, atol=1e-5)
+        # each rank read only its shard; the start's scores come from the gathered merge
+        assert held[devices]["build"] == "per_rank_shard", held[devices]
+        assert before[devices] == before[1]
         share = held[devices]["task_vector_bytes_per_rank"] / held[devices]["task_vector_bytes"]
         assert held[devices]["world"] == devices and abs(share - 1 / devices) < 0.01, held[devices]
 
@@ -203,5 +207,157 @@ def test_methods_that_save_state_before_the_fit_run_on_two_processes(tiny_zoo_di
         run = tmp_path / name / "run"
         results = json.loads((run / "results.json").read_text())
         assert (results.get("sharding") or {}).get("world", 1) == devices
+        if devices > 1:  # a data-free stage / the trusted set reads the task vectors whole: built whole, then cut
+            assert results["sharding"]["build"] == "whole_then_cut"
         coefs[name] = load_file(str(run / "coefficients.safetensors"))["coefficients"]
     torch.testing.assert_close(coefs["doge2"], coefs["doge1"], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the sharded build: each rank reads its shard
+def _toy_files(folder: Path, fmt: str = "safetensors", wrap: bool = False) -> tuple[nn.Module, Path, dict]:
+    """The toy model's base and three experts as files (``wrap``: every key under ``module.``)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.BatchNorm1d(7), nn.Linear(7, 3))
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def save(sd, name):
+        sd = {f"module.{k}" if wrap else k: v.contiguous() for k, v in sd.items()}
+        path = folder / f"{name}.{fmt}"
+        save_file(sd, str(path)) if fmt == "safetensors" else torch.save(sd, path)
+        return path
+
+    experts = {}
+    for i in range(3):
+        sd = {k: (v + 0.1 * torch.randn_like(v)) if v.is_floating_point() else v for k, v in base.items()}
+        experts[f"t{i}"] = save(sd, f"t{i}")
+    return model, save(base, "base"), experts
+
+
+@pytest.mark.parametrize("fmt,wrap", [("safetensors", False), ("safetensors", True), ("pt", False)])
+def test_sharded_build_holds_each_ranks_shard_of_the_whole_stack(tmp_path, fmt, wrap):
+    """Rank r of R builds exactly shard r of the whole stack's flat layout of the parameters (the
+    buffers, e.g. BatchNorm statistics, stay whole), holds about 1/R of it, and says clearly that a
+    sharded tensor is not held whole."""
+    from adamerge.core.task_vectors import ShardRequest
+
+    model, base, experts = _toy_files(tmp_path, fmt, wrap)
+    keys = tuple(n for n, _ in model.named_parameters())
+    whole = TaskVectors.from_files(base, experts)
+    for world in (1, 2, 3, 4):
+        layout = FlatLayout(keys, tuple(tuple(whole.base[k].shape) for k in keys), world)
+        held = 0
+        for rank in range(world):
+            tv = TaskVectors.from_files(base, experts, shard=ShardRequest(keys, rank, world))
+            assert tv.is_sharded and tv.shard.layout == layout
+            assert torch.equal(tv.shard.tau, take_shard([whole.vectors[k] for k in keys], layout, rank, (3,)))
+            for k in ("1.running_mean", "1.running_var"):
+                assert torch.equal(tv.vectors[k], whole.vectors[k])
+            assert not any(k in tv.vectors for k in keys)
+            with pytest.raises(InputError, match="'0.weight' is held sharded across processes"):
+                tv.vectors["0.weight"]
+            with pytest.raises(InputError, match="sharded across processes"):
+                tv.expert_state_dict("t0")
+            held += tv.shard.tau.numel()
+            assert tv.shard.tau.numel() == 3 * layout.shard_size
+        assert held == 3 * layout.shard_size * world < 3 * (layout.total + world)
+
+
+def test_sharded_build_reads_expert_files_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """Experts in safetensors files are never loaded whole (safetensors' load_file is not called for
+    them), and a non-finite value in another rank's shard still stops every rank, naming the file."""
+    import safetensors.torch as st
+    from safetensors.torch import save_file
+
+    from adamerge.core.task_vectors import ShardRequest
+
+    model, base, experts = _toy_files(tmp_path)
+    keys = tuple(n for n, _ in model.named_parameters())
+    real, loaded = st.load_file, []
+    monkeypatch.setattr(st, "load_file", lambda path, *a, **k: (loaded.append(Path(path).name), real(path, *a, **k))[1])
+    whole = TaskVectors.from_files(base, experts)
+    assert loaded == ["base.safetensors"]
+    sharded = TaskVectors.from_files(base, experts, shard=ShardRequest(keys, 1, 2))
+    assert loaded == ["base.safetensors"] * 2
+    assert torch.equal(sharded.shard.tau, take_shard([whole.vectors[k] for k in keys], sharded.shard.layout, 1, (3,)))
+    bad = st.load_file(str(experts["t1"]))
+    bad["2.weight"][-1, -1] = float("nan")  # the last element: in rank 1's shard, not rank 0's
+    save_file(bad, str(experts["t1"]))
+    assert 1 in [r for r in (0, 1) for i, a, b, off in sharded.shard.layout.segments(r) if keys[i] == "2.weight"
+                 and b == 21]
+    for rank in (0, 1):
+        with pytest.raises(InputError, match=r"t1\.safetensors: tensor '2.weight' has non-finite values"):
+            TaskVectors.from_files(base, experts, shard=ShardRequest(keys, rank, 2))
+
+
+def test_merged_model_from_a_sharded_build_equals_one_sharded_after(tmp_path):
+    """A MergedModel over a rank's sharded build holds the very shard that cutting the whole one
+    gives (base and task vectors), and refuses a build sharded over other tensors."""
+    from adamerge.core.task_vectors import ShardRequest
+
+    model, base, experts = _toy_files(tmp_path)
+    keys = tuple(n for n, _ in model.named_parameters())
+    for rank in (0, 1):
+        cut = MergedModel(model, TaskVectors.from_files(base, experts), "layer")
+        cut.shard(rank, 2)
+        built = MergedModel(model, TaskVectors.from_files(base, experts, shard=ShardRequest(keys, rank, 2)), "layer")
+        assert built.is_sharded and built.shard_summary() == cut.shard_summary()
+        assert torch.equal(built._shard.tau, cut._shard.tau) and torch.equal(built._shard.base, cut._shard.base)
+        assert torch.equal(built._shard.tensor_group, cut._shard.tensor_group)
+        assert built.nbytes() == cut.nbytes()
+    other = TaskVectors.from_files(base, experts, shard=ShardRequest(keys[:2], 0, 2))
+    with pytest.raises(InputError, match="sharded over other tensors"):
+        MergedModel(model, other, "layer")
+    with pytest.raises(InputError, match="whole-tensor groups"):
+        MergedModel(model, TaskVectors.from_files(base, experts, shard=ShardRequest(keys, 0, 2)), "partition:2")
+
+
+def test_which_sharded_runs_read_only_their_shard(tiny_zoo_dir, tmp_path, monkeypatch):
+    """The rank reads its shard only when nothing reads the task vectors whole before training,
+    on one machine, with Lightning's ranks; otherwise the whole stack is built and cut."""
+    import yaml
+
+    from adamerge.plan import RunPlan
+
+    for k in ("LOCAL_RANK", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+
+    def plan(devices=2, **changes):
+        cfg = yaml.safe_load(write_config(tmp_path, tiny_zoo_dir, **changes).read_text())
+        cfg["trainer"] = {"strategy": "shard", "devices": devices}
+        return RunPlan.from_config(cfg, root=tmp_path)
+
+    assert plan().shard_build() == (0, 2)
+    assert plan(devices=4, **{"options.objective": "entropy"}).shard_build() == (0, 4)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert plan().shard_build() == (1, 2)
+    monkeypatch.delenv("LOCAL_RANK")
+    assert plan(**{"options.objective": "expert_distill"}).shard_build() is None
+    assert plan(**{"method": "doge_adamerging"}).shard_build() is None
+    assert plan(**{"options.preprocess": "ties"}).shard_build() is None
+    assert plan(**{"method": "atlas"}).shard_build() is None  # test time: the experts label its trusted set
+    assert plan(devices="auto").shard_build() is None
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert plan().shard_build() is None
+
+
+def test_a_shard_built_for_another_rank_is_refused_once_connected(tmp_path):
+    """Lightning's rank and world must be the ones the build was sharded for (a clear error)."""
+    from types import SimpleNamespace
+
+    from adamerge.core.task_vectors import ShardRequest
+    from adamerge.methods import create_method
+    from adamerge.solvers import create_solver
+    from adamerge.train.loop import MergeModule
+
+    model, base, experts = _toy_files(tmp_path)
+    keys = tuple(n for n, _ in model.named_parameters())
+    merged = MergedModel(model, TaskVectors.from_files(base, experts, shard=ShardRequest(keys, 1, 2)), "layer")
+    cfg = create_method("adamerging").config({"objective": "entropy"})
+    heads = {t: nn.Identity() for t in merged.task_names}
+    module = MergeModule(merged, heads, cfg, create_solver(cfg.solver, cfg), None)
+    module._trainer = SimpleNamespace(world_size=2, global_rank=0, is_global_zero=True)
+    with pytest.raises(InputError, match="built shard 1 of 2 .* rank 0 of 2"):
+        module.setup("fit")

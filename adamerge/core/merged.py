@@ -20,7 +20,7 @@ from torch.func import functional_call, vmap
 
 from adamerge.errors import InputError
 from adamerge.core.granularity import Grouping, Spec, make_grouping
-from adamerge.core.sharding import Shard, make_shard, sharded_merge
+from adamerge.core.sharding import Shard, make_shard, sharded_merge, take_shard
 from adamerge.core.task_vectors import TaskVectors
 
 BUFFER_POLICIES = ("base", "average", "reestimate")
@@ -168,9 +168,13 @@ class MergedModel(nn.Module):
         self.grouping: Grouping = make_grouping(
             granularity, {k: tv.base[k].shape for k in self.merge_keys}, seed=seed
         )
-        for i, k in enumerate(self.merge_keys):
-            self.register_buffer(f"_base{i}", tv.base[k], persistent=False)
-            self.register_buffer(f"_tau{i}", tv.vectors[k], persistent=False)
+        self._shard: Shard | None = None  # see shard()
+        if tv.shard is not None:  # built one shard per rank: the whole stack never existed
+            self._adopt_shard(tv)
+        else:
+            for i, k in enumerate(self.merge_keys):
+                self.register_buffer(f"_base{i}", tv.base[k], persistent=False)
+                self.register_buffer(f"_tau{i}", tv.vectors[k], persistent=False)
         for i, k in enumerate(self.buffer_keys):
             value = tv.base[k]
             if buffer_policy == "average" and k in tv.vectors:
@@ -191,7 +195,6 @@ class MergedModel(nn.Module):
         self._fixed: dict[str, Tensor] | None = None  # see fixed_parameters
         self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
         self.mask_set: nn.Module | None = None  # learnable masks (adamerge.core.masks.ConcreteMasks)
-        self._shard: Shard | None = None  # see shard()
         self._final: dict[str, Tensor] | None = None  # see gather_final()
 
     # ------------------------------------------------------------------ validation
@@ -327,6 +330,24 @@ class MergedModel(nn.Module):
             delattr(self, f"_base{i}")
             delattr(self, f"_tau{i}")
 
+    def _adopt_shard(self, tv: TaskVectors) -> None:
+        """Take a sharded build's shard (:meth:`TaskVectors.from_files` with a ``ShardRequest``)
+        as this model's: its tensors must be the merged parameters, in order."""
+        built = tv.shard
+        if built.layout.keys != tuple(self.merge_keys):
+            raise InputError("the task vectors were sharded over other tensors than this model's parameters "
+                             f"({len(built.layout.keys)} tensors, first '{built.layout.keys[0]}'; the model has "
+                             f"{len(self.merge_keys)}, first '{self.merge_keys[0] if self.merge_keys else None}')")
+        if self.grouping.chunks:
+            raise InputError(f"sharded task vectors need whole-tensor groups (task, block, layer), not '{self.grouping.spec}'")
+        bases = [tv.base[k] for k in self.merge_keys]
+        dtypes = {b.dtype for b in bases}
+        if len(dtypes) > 1:
+            raise InputError(f"sharded task vectors need merged tensors of one dtype, found {sorted(map(str, dtypes))}")
+        self._shard = Shard(built.layout, built.rank, take_shard(bases, built.layout, built.rank), built.tau,
+                            torch.tensor([self.grouping.tensor_group[k] for k in self.merge_keys], dtype=torch.long),
+                            built.full_bytes)
+
     def shard_refusal(self) -> str | None:
         """Why this model cannot be sharded, or ``None``."""
         if self._shard is not None:
@@ -353,6 +374,10 @@ class MergedModel(nn.Module):
         if self._shard is None:
             raise InputError("gather_final is for a sharded merged model")
         self._final = {k: v.detach().clone() for k, v in self.merged_parameters().items()}
+
+    def release_final(self) -> None:
+        """Drop the copy :meth:`gather_final` kept: the model merges from its shard again."""
+        self._final = None
 
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)

@@ -10,43 +10,84 @@ module. Integer buffers (``num_batches_tracked``) are kept from the base.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
+from adamerge.core.sharding import FlatLayout
 from adamerge.errors import InputError
-from adamerge.io.state_dicts import require_finite
+from adamerge.io.state_dicts import TensorSource, require_finite
 from adamerge.memory import release_freed_memory
 
 StateDict = Mapping[str, Tensor]
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _check_same_layout(base: StateDict, other: StateDict, base_src: str, other_src: str) -> None:
-    missing = [k for k in base if k not in other]
+def _check_same_layout(base: StateDict, other: TensorSource, base_src: str, other_src: str) -> None:
+    keys = set(other.keys())
+    missing = [k for k in base if k not in keys]
     if missing:
         raise InputError(
             f"{other_src}: missing key '{missing[0]}' present in {base_src}"
             f" ({len(missing)} missing in all)"
         )
-    extra = [k for k in other if k not in base]
+    extra = [k for k in other.keys() if k not in base]
     if extra:
         raise InputError(
             f"{other_src}: unexpected key '{extra[0]}' not in {base_src} ({len(extra)} extra in all)"
         )
     for key, value in base.items():
-        ov = other[key]
-        if ov.shape != value.shape:
+        shape, dtype = other.meta(key)
+        if shape != tuple(value.shape):
             raise InputError(
-                f"{other_src}: tensor '{key}' has shape {tuple(ov.shape)},"
+                f"{other_src}: tensor '{key}' has shape {shape},"
                 f" {base_src} has {tuple(value.shape)}"
             )
-        if ov.dtype != value.dtype:
+        if dtype != value.dtype:
             raise InputError(
-                f"{other_src}: tensor '{key}' has dtype {ov.dtype}, {base_src} has {value.dtype}"
+                f"{other_src}: tensor '{key}' has dtype {dtype}, {base_src} has {value.dtype}"
             )
+
+
+@dataclass(frozen=True)
+class ShardRequest:
+    """Build only rank ``rank``'s shard (of ``world``) of the stacked task vectors of ``keys`` (the
+    tensors a sharded merge lays end to end, :class:`adamerge.core.sharding.FlatLayout`)."""
+
+    keys: tuple[str, ...]
+    rank: int
+    world: int
+
+
+@dataclass
+class StackShard:
+    """One rank's shard ``[T, S]`` of the stacked task vectors of ``layout.keys`` (built by
+    :meth:`TaskVectors.from_files` with a :class:`ShardRequest`; the whole stack never existed)."""
+
+    layout: FlatLayout
+    rank: int
+    tau: Tensor
+    full_bytes: int  # the whole stack's bytes, for the record
+
+
+class _ShardedVectors(dict):
+    """``TaskVectors.vectors`` of a sharded build: the tensors of the shard are not held whole."""
+
+    def __init__(self, vectors: dict, sharded: tuple[str, ...]) -> None:
+        super().__init__(vectors)
+        self.sharded = frozenset(sharded)
+
+    def __missing__(self, key: str):
+        if key in self.sharded:
+            raise InputError(f"task vector '{key}' is held sharded across processes (trainer.strategy shard, built "
+                             "one shard per rank): this step needs it whole")
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return super().__contains__(key)
 
 
 class TaskVectors:
@@ -62,11 +103,13 @@ class TaskVectors:
         vectors: dict[str, Tensor],
         task_names: list[str],
         sources: dict[str, str] | None = None,
+        shard: StackShard | None = None,
     ) -> None:
         self.base = base
-        self.vectors = vectors
+        self.vectors = vectors if shard is None else _ShardedVectors(vectors, shard.layout.keys)
         self.task_names = list(task_names)
         self.sources = dict(sources or {})
+        self.shard = shard
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -115,15 +158,19 @@ class TaskVectors:
         prefix: str | None = None,
         keys: Iterable[str] | None = None,
         reader: Callable[[str | Path], StateDict] | None = None,
+        shard: ShardRequest | None = None,
     ) -> "TaskVectors":
-        """Load state-dict files (``.safetensors``; ``.pt/.bin`` with ``weights_only=True``), or
-        whatever ``reader(path)`` reads (a model source's own format, e.g. Hugging Face folders)."""
-        from adamerge.io.state_dicts import load_state_dict
+        """Load state-dict files (``.safetensors``, read one tensor at a time; ``.pt/.bin`` with
+        ``weights_only=True``), or whatever ``reader(path)`` reads (a model source's own format,
+        e.g. Hugging Face folders). ``shard``: keep only that rank's shard of the stacked task
+        vectors of its keys (every expert is still read and checked whole, one tensor at a time)."""
+        from adamerge.io.state_dicts import load_state_dict, open_state_dict
 
         read = reader or (lambda path: load_state_dict(path, prefix=prefix))
+        expert_reader = reader or (lambda path: open_state_dict(path, prefix=prefix))
 
-        def loader(path: str | Path) -> Callable[[], StateDict]:
-            return lambda: read(path)
+        def loader(path: str | Path) -> Callable[[], StateDict | TensorSource]:
+            return lambda: expert_reader(path)
 
         tv = cls._build(
             read(base),
@@ -132,12 +179,13 @@ class TaskVectors:
             dtype=dtype,
             keys=keys,
             base_source=str(base),
+            shard=shard,
         )
         tv.sources = {"base": str(base), **{n: str(p) for n, p in experts.items()}}
         return tv
 
     @classmethod
-    def _build(cls, base, experts, count, *, dtype, keys, base_source) -> "TaskVectors":
+    def _build(cls, base, experts, count, *, dtype, keys, base_source, shard: ShardRequest | None = None) -> "TaskVectors":
         if dtype == "auto":  # the base's precision: float64 stays float64, anything else float32
             dtype = torch.float64 if any(v.dtype == torch.float64 for v in base.values()) else torch.float32
         dtype = STORAGE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
@@ -156,25 +204,48 @@ class TaskVectors:
             raise InputError(f"{base_source}: the state dict is empty")
         require_finite(base, base_source)
         float_keys = [k for k, v in base.items() if v.is_floating_point()]
+        stack_shard, pieces = None, {}
+        if shard is not None:
+            absent = [k for k in shard.keys if k not in float_keys]
+            if absent:
+                raise InputError(f"{base_source}: cannot shard '{absent[0]}': not a floating-point tensor of the base")
+            layout = FlatLayout(tuple(shard.keys), tuple(tuple(base[k].shape) for k in shard.keys), shard.world)
+            for i, a, b, off in layout.segments(shard.rank):
+                pieces.setdefault(layout.keys[i], []).append((a, b, off))
+            full_bytes = count * layout.total * torch.empty((), dtype=dtype).element_size()
+            stack_shard = StackShard(layout, shard.rank, torch.zeros((count, layout.shard_size), dtype=dtype), full_bytes)
+            float_keys = [k for k in float_keys if k not in set(shard.keys)]
         vectors = {k: torch.empty((count, *base[k].shape), dtype=dtype) for k in float_keys}
+        stacked = set(float_keys)
         names: list[str] = []
         for t, (name, load, source) in enumerate(experts):
             if name in names:
                 raise InputError(f"task name '{name}' is given twice")
             sd = load()
+            if not isinstance(sd, TensorSource):
+                sd = TensorSource(sd, source)
             if keys is not None:
-                sd = {k: v for k, v in sd.items() if k in base}
+                sd = TensorSource({k: sd.tensor(k) for k in sd.keys() if k in base}, source)
             _check_same_layout(base, sd, base_source, source)
-            require_finite(sd, source)
-            for k in float_keys:
-                vectors[k][t] = (sd[k].to(torch.float64) - base[k].to(torch.float64)).to(dtype)
+            # one tensor of the expert at a time (a safetensors file is read lazily): checked,
+            # then its difference to the base stored whole or, sharded, only this rank's pieces
+            for k in base:
+                value = sd.tensor(k)
+                if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
+                    raise InputError(f"{source}: tensor '{k}' has non-finite values (NaN or inf)")
+                if k in stacked:
+                    vectors[k][t] = (value.to(torch.float64) - base[k].to(torch.float64)).to(dtype)
+                for a, b, off in pieces.get(k, ()):
+                    diff = value.reshape(-1)[a:b].to(torch.float64) - base[k].reshape(-1)[a:b].to(torch.float64)
+                    stack_shard.tau[t, off : off + b - a] = diff.to(dtype)
+                del value
             names.append(name)
             del sd
             # this expert's tensors and temporaries go back to the OS now, not after the last
             # expert: glibc keeps freed heap pages resident, and the stack's large blocks cannot
             # reuse them, so the build would otherwise peak at every expert read plus the stack
             release_freed_memory()
-        return cls(base, vectors, names)
+        return cls(base, vectors, names, shard=stack_shard)
 
     # ------------------------------------------------------------------ views
     @property
@@ -186,11 +257,20 @@ class TaskVectors:
         return next(iter(self.vectors.values())).dtype
 
     def nbytes(self) -> int:
-        """Bytes held by the stacked task vectors."""
-        return sum(v.numel() * v.element_size() for v in self.vectors.values())
+        """Bytes held by the stacked task vectors (a sharded build: this rank's shard)."""
+        held = sum(v.numel() * v.element_size() for v in self.vectors.values())
+        return held + (0 if self.shard is None else self.shard.tau.numel() * self.shard.tau.element_size())
+
+    @property
+    def is_sharded(self) -> bool:
+        """Built one shard per rank (``shard``): the sharded tensors are not held whole."""
+        return self.shard is not None
 
     def expert_state_dict(self, task: str) -> dict[str, Tensor]:
         """Reconstruct θ_t = θ0 + τ_t (in the base dtype); for checks and reference baselines."""
+        if self.shard is not None:
+            raise InputError("the task vectors are held sharded across processes (trainer.strategy shard): an "
+                             "expert's weights cannot be rebuilt whole here")
         t = self.task_names.index(task)
         return {
             k: (v + self.vectors[k][t].to(v.dtype)) if k in self.vectors else v.clone()
@@ -198,7 +278,7 @@ class TaskVectors:
         }
 
     def __repr__(self) -> str:
-        n = sum(v[0].numel() for v in self.vectors.values())
+        n = sum(v[0].numel() for v in self.vectors.values()) + (0 if self.shard is None else self.shard.layout.total)
         return (
             f"TaskVectors(tasks={self.task_names}, tensors={len(self.vectors)},"
             f" elements_per_task={n}, dtype={self.dtype})"

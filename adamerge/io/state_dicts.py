@@ -25,6 +25,8 @@ __all__ = [
     "SAFETENSORS_EXTENSIONS",
     "PICKLE_EXTENSIONS",
     "load_state_dict",
+    "open_state_dict",
+    "TensorSource",
     "save_state_dict",
     "require_finite",
 ]
@@ -247,6 +249,87 @@ def load_state_dict(
                 f"no key in {p} starts with prefix {prefix!r} (first key: {first!r})"
             )
     return sd
+
+
+class TensorSource:
+    """A state dict read one tensor at a time: its keys, each tensor's shape and dtype without
+    reading it, and a tensor when asked. A safetensors file is read lazily (only the header until a
+    tensor is asked for), so building task vectors holds one expert tensor at a time, not a whole
+    expert; any other source is a state dict already in memory."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, source: str = "state dict") -> None:
+        self._tensors = tensors
+        self.source = source
+
+    def keys(self) -> list[str]:
+        return list(self._tensors)
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """``(shape, dtype)`` of ``key``, without reading its values."""
+        v = self._tensors[key]
+        return tuple(v.shape), v.dtype
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._tensors[key]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                       "BOOL": torch.bool}
+
+
+class _LazySafetensors(TensorSource):
+    def __init__(self, path: Path, prefix: str | None) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        super().__init__(None, str(path))
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+            names = list(self._file.keys())
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise InputError(f"could not parse {path} as safetensors (corrupt or truncated file?): {_one_line(err)}") from err
+        if not names:
+            raise InputError(f"{path} holds no tensors (empty state dict)")
+        keys = {n: n for n in names}
+        if all(k.startswith("module.") for k in keys):  # saved from DistributedDataParallel
+            keys = {k[len("module."):]: n for k, n in keys.items()}
+        if prefix:
+            first = next(iter(keys))
+            keys = {k[len(prefix):]: n for k, n in keys.items() if k.startswith(prefix)}
+            if not keys:
+                raise InputError(f"no key in {path} starts with prefix {prefix!r} (first key: {first!r})")
+        self._names = keys
+        self._path = path
+
+    def keys(self) -> list[str]:
+        return list(self._names)
+
+    def meta(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        piece = self._file.get_slice(self._names[key])
+        code = piece.get_dtype()
+        if code not in _SAFETENSORS_DTYPES:
+            return tuple(self.tensor(key).shape), self.tensor(key).dtype
+        return tuple(piece.get_shape()), _SAFETENSORS_DTYPES[code]
+
+    def tensor(self, key: str) -> torch.Tensor:
+        from safetensors import SafetensorError
+
+        try:
+            return self._file.get_tensor(self._names[key])
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            raise InputError(f"could not read tensor '{key}' of {self._path} (corrupt or truncated file?): "
+                             f"{_one_line(err)}") from err
+
+
+def open_state_dict(path: str | os.PathLike[str], *, prefix: str | None = None) -> TensorSource:
+    """:func:`load_state_dict`'s state dict as a :class:`TensorSource`: a ``.safetensors`` file is
+    read one tensor at a time (same key handling: a ``module.`` prefix on every key stripped,
+    ``prefix`` kept and stripped); any other format is loaded whole by :func:`load_state_dict`."""
+    p = Path(path)
+    _check_file(p)
+    if p.suffix.lower() in SAFETENSORS_EXTENSIONS:
+        return _LazySafetensors(p, prefix)
+    return TensorSource(load_state_dict(p, prefix=prefix), str(p))
 
 
 def require_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:

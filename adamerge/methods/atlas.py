@@ -143,6 +143,13 @@ class ATLAS(Method):
             return None
         return lambda merged: a.penalty * merged.applied_coefficients().abs().pow(a.p).sum()
 
+    def whole_task_vectors(self, cfg: MethodConfig) -> str | None:
+        from adamerge.train.objectives import target_kind
+
+        if self.options(cfg).mode != "few_shot" and target_kind(cfg.objective) == "views":
+            return "aTLAS test time labels its trusted set with the experts' predictions"
+        return super().whole_task_vectors(cfg)
+
     def training_data(self, cfg, model, tv, heads, streams, labeled, cache_dir, say, seed, state, experts=None) -> TrainingData:
         a = self.options(cfg)
         if a.mode == "few_shot":

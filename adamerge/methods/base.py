@@ -366,6 +366,23 @@ class Method:
             if solver_class(name).needs_masks and not self.has_masks:
                 raise InputError(f"solver '{name}' trains learnable masks; method '{self.name}' has none (use concrete_adamerging)")
 
+    def whole_task_vectors(self, cfg: MethodConfig) -> str | None:
+        """Why a fit with ``cfg`` reads the task vectors whole before training (so a sharded run
+        builds them whole and cuts its shard after), or ``None``: then each rank of a sharded run
+        builds only its shard. Here: a stage before the data stage, a preprocessing merge, an
+        ``init`` merge, or the experts' predictions as targets."""
+        from adamerge.train.objectives import target_kind
+
+        if len(self.solvers(cfg)) > 1:
+            return f"method '{self.name}' runs a data-free stage on them first"
+        if cfg.preprocess is not None or cfg.ties_density:
+            return "options.preprocess rewrites them"
+        if isinstance(cfg.init, dict):
+            return "options.init takes a merge of them"
+        if target_kind(cfg.objective) == "experts":
+            return f"objective '{cfg.objective}' needs each expert's predictions"
+        return None
+
     def solvers(self, cfg: MethodConfig) -> list[tuple[str, dict, int]]:
         """The solver stages of a fit, in order: (solver name, its options, its steps)."""
         stages = [(self.prepare_solver, cfg.prepare_args, 0)] if self.prepare_solver else []

@@ -152,16 +152,32 @@ class MergeModule(L.LightningModule):
         self.regularizer = regularizer  # e.g. a mask-density penalty: merged -> (scalar, logs)
         self._batch_n = 1
         self.shard_task_vectors = False  # trainer.strategy: shard (see setup)
+        # a sharded build: the scores at the start, computed once the processes are connected
+        self.start_evaluation: Callable[[MergedModel], dict] | None = None
+        self.start_scores: dict | None = None
         self.chunking: dict | None = None  # options.micro_batch: auto, measured at the first step
 
     def setup(self, stage: str) -> None:
         """``trainer.strategy: shard``: once the processes are connected, and before the module is
         moved to its device, each rank keeps only its shard of the task vectors."""
-        if self.shard_task_vectors and self.trainer.world_size > 1 and not self.merged.is_sharded:
+        trainer, merged = self.trainer, self.merged
+        if self.shard_task_vectors and trainer.world_size > 1 and not merged.is_sharded:
             from adamerge.memory import release_freed_memory
 
-            self.merged.shard(self.trainer.global_rank, self.trainer.world_size)
+            merged.shard(trainer.global_rank, trainer.world_size)
             release_freed_memory()
+        elif merged.is_sharded and (merged.shard_summary()["rank"], merged.shard_summary()["world"]) != \
+                (trainer.global_rank, trainer.world_size):
+            got = merged.shard_summary()
+            raise InputError(f"this process built shard {got['rank']} of {got['world']} of the task vectors, but "
+                             f"Lightning runs it as rank {trainer.global_rank} of {trainer.world_size} processes "
+                             "(a launcher adamerge could not read before the build?)")
+        if merged.is_sharded and self.start_evaluation is not None:
+            # the merge at the start, gathered once (a collective); rank 0 scores it
+            merged.gather_final()
+            if trainer.is_global_zero:
+                self.start_scores = self.start_evaluation(merged)
+            merged.release_final()
 
     def on_train_end(self) -> None:
         if self.merged.is_sharded:  # every rank takes part; rank 0 then evaluates on its own
@@ -432,9 +448,12 @@ def run_plan(plan) -> dict:
 
     start = time.perf_counter()
     rank_zero = not is_launched_rank()
-    before_model = m.build(model, tv, cfg, seed=seed)
-    before = evaluate(before_model, heads, streams, eval_batch_size) if rank_zero else None
-    del before_model
+    sharded_build = tv is not None and tv.is_sharded  # each rank built only its shard: no merge before connecting
+    before = None
+    if not sharded_build:
+        before_model = m.build(model, tv, cfg, seed=seed)
+        before = evaluate(before_model, heads, streams, eval_batch_size) if rank_zero else None
+        del before_model
     state = run.load_state() or {}
     done = run.stages_done()
     merged, module, modules, steps_done, data = None, None, [], 0, None
@@ -460,9 +479,11 @@ def run_plan(plan) -> dict:
                         run.save_state(state, {"stages_done": i, "solver": solver.name})
             module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
                                  augment=data.augment, seed=seed, tasks=tasks, view=data.view)
+            if sharded_build:
+                module.start_evaluation = lambda merged: evaluate(merged, heads, streams, eval_batch_size)
             if plan.cfg["trainer"].get("strategy") == SHARD_STRATEGY:
                 module.shard_task_vectors = True
-                refusal = merged.shard_refusal()
+                refusal = None if merged.is_sharded else merged.shard_refusal()
                 if refusal:
                     raise InputError(f"trainer.strategy {SHARD_STRATEGY}: {refusal}")
                 if last and plan.owns_parts:  # the shards are all this process keeps of them
@@ -498,6 +519,7 @@ def run_plan(plan) -> dict:
                 if trainer.interrupted:  # a Ctrl-C that Lightning handled without exiting: not finished
                     raise KeyboardInterrupt
             merged = module.merged.cpu()
+            before = module.start_scores if sharded_build else before
             modules.append(module)
             steps_done += trainer.global_step
         # every rank goes on to the next stage (its DDP fit needs them all) with the same state:
@@ -531,7 +553,9 @@ def run_plan(plan) -> dict:
     if chunking is not None:  # micro_batch: auto's measured choice
         results["micro_batch"] = {**chunking, "chunk": chunk_size(chunking, cfg.batch_size), "batch_size": cfg.batch_size}
     if merged.is_sharded:  # what each rank held: its shard of the base and the task vectors
-        results["sharding"] = {"strategy": SHARD_STRATEGY, **merged.shard_summary()}
+        results["sharding"] = {"strategy": SHARD_STRATEGY, **merged.shard_summary(),
+                               # each rank read only its shard, or built the whole stack and cut it
+                               "build": "per_rank_shard" if sharded_build else "whole_then_cut"}
     if before is not None and after is not None:
         results |= {"before": before, "after": after}
     run.write_results(results)
