@@ -188,6 +188,7 @@ def test_sharded_fit_matches_one_process_and_resumes(tiny_zoo_dir, tmp_path):
     proc = _fit(exe + args + ["--resume"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     torch.testing.assert_close(load_file(str(run / "coefficients.safetensors"))["coefficients"], coefs[1], rtol=0, atol=1e-5)
+    assert json.loads((run / "results.json").read_text())["before"] == before[1]  # the start's, not the checkpoint's
 
 
 @pytest.mark.slow
