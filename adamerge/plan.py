@@ -206,8 +206,8 @@ class RunPlan:
             return None
         if "LOCAL_RANK" not in os.environ and any(k in os.environ for k in ("SLURM_PROCID", "RANK")):
             return None  # another launcher's ranks: cut after connecting, where Lightning knows them
-        if self.method.whole_task_vectors(self.options) is not None:
-            return None
+        if self.method.whole_task_vectors(self.options) is not None or self.stages[-1][2] < 1:
+            return None  # (no steps: no process group is ever connected to gather the merge)
         rank = int(os.environ.get("LOCAL_RANK", "0"))
         return (rank, devices) if 0 <= rank < devices else None
 

@@ -340,6 +340,7 @@ def test_which_sharded_runs_read_only_their_shard(tiny_zoo_dir, tmp_path, monkey
     assert plan(**{"options.preprocess": "ties"}).shard_build() is None
     assert plan(**{"method": "atlas"}).shard_build() is None  # test time: the experts label its trusted set
     assert plan(devices="auto").shard_build() is None
+    assert plan(**{"options.steps": 0}).shard_build() is None
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert plan().shard_build() is None
 

@@ -86,9 +86,6 @@ class _ShardedVectors(dict):
                              "one shard per rank): this step needs it whole")
         raise KeyError(key)
 
-    def __contains__(self, key) -> bool:
-        return super().__contains__(key)
-
 
 class TaskVectors:
     """The pretrained state ``base`` and stacked task vectors ``vectors[key]: [T, *shape]``.

@@ -160,7 +160,8 @@ class MergeModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         """``trainer.strategy: shard``: once the processes are connected, and before the module is
-        moved to its device, each rank keeps only its shard of the task vectors."""
+        moved to its device, each rank keeps only its shard of the task vectors (cut here, or
+        built per rank and checked here against Lightning's rank and world)."""
         trainer, merged = self.trainer, self.merged
         if self.shard_task_vectors and trainer.world_size > 1 and not merged.is_sharded:
             from adamerge.memory import release_freed_memory
