@@ -20,7 +20,7 @@ from torch.func import functional_call, vmap
 
 from adamerge.errors import InputError
 from adamerge.core.granularity import Grouping, Spec, make_grouping
-from adamerge.core.sharding import Shard, make_shard, sharded_merge, take_shard
+from adamerge.core.sharding import Shard, make_shard, shard_with, sharded_merge
 from adamerge.core.task_vectors import TaskVectors
 
 BUFFER_POLICIES = ("base", "average", "reestimate")
@@ -169,6 +169,8 @@ class MergedModel(nn.Module):
             granularity, {k: tv.base[k].shape for k in self.merge_keys}, seed=seed
         )
         self._shard: Shard | None = None  # see shard()
+        self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
+        self.mask_set: nn.Module | None = None  # learnable masks (adamerge.core.masks.ConcreteMasks)
         if tv.shard is not None:  # built one shard per rank: the whole stack never existed
             self._adopt_shard(tv)
         else:
@@ -193,8 +195,6 @@ class MergedModel(nn.Module):
             init_t = init_t.log()
         self.coefficients = nn.Parameter(init_t)
         self._fixed: dict[str, Tensor] | None = None  # see fixed_parameters
-        self.masks: dict[str, Tensor] | None = None  # fixed masks (e.g. TIES)
-        self.mask_set: nn.Module | None = None  # learnable masks (adamerge.core.masks.ConcreteMasks)
         self._final: dict[str, Tensor] | None = None  # see gather_final()
 
     # ------------------------------------------------------------------ validation
@@ -338,15 +338,11 @@ class MergedModel(nn.Module):
             raise InputError("the task vectors were sharded over other tensors than this model's parameters "
                              f"({len(built.layout.keys)} tensors, first '{built.layout.keys[0]}'; the model has "
                              f"{len(self.merge_keys)}, first '{self.merge_keys[0] if self.merge_keys else None}')")
-        if self.grouping.chunks:
-            raise InputError(f"sharded task vectors need whole-tensor groups (task, block, layer), not '{self.grouping.spec}'")
-        bases = [tv.base[k] for k in self.merge_keys]
-        dtypes = {b.dtype for b in bases}
-        if len(dtypes) > 1:
-            raise InputError(f"sharded task vectors need merged tensors of one dtype, found {sorted(map(str, dtypes))}")
-        self._shard = Shard(built.layout, built.rank, take_shard(bases, built.layout, built.rank), built.tau,
-                            torch.tensor([self.grouping.tensor_group[k] for k in self.merge_keys], dtype=torch.long),
-                            built.full_bytes)
+        refusal = self.shard_refusal()
+        if refusal:
+            raise InputError(refusal)
+        self._shard = shard_with(built.layout, built.rank, [tv.base[k] for k in self.merge_keys], built.tau,
+                                 [self.grouping.tensor_group[k] for k in self.merge_keys], built.full_bytes)
 
     def shard_refusal(self) -> str | None:
         """Why this model cannot be sharded, or ``None``."""

@@ -155,14 +155,22 @@ def sharded_merge(weights: Tensor, shard: Shard) -> dict[str, Tensor]:
 
 def make_shard(keys: list[str], bases: list[Tensor], taus: list[Tensor], tensor_group: list[int], rank: int,
                world: int, group=None) -> Shard:
-    """This rank's :class:`Shard` of the merged tensors (checked: one dtype, a valid rank)."""
+    """This rank's :class:`Shard` of the merged tensors, cut from the whole stack (checked: one
+    dtype, a valid rank)."""
     if world < 1 or not 0 <= rank < world:
         raise InputError(f"rank {rank} is not in a group of {world} processes")
+    layout = FlatLayout(tuple(keys), tuple(tuple(b.shape) for b in bases), world)
+    full = sum(t.numel() * t.element_size() for t in taus)
+    return shard_with(layout, rank, bases, take_shard(taus, layout, rank, (taus[0].shape[0],)), tensor_group, full, group)
+
+
+def shard_with(layout: FlatLayout, rank: int, bases: list[Tensor], tau: Tensor, tensor_group: list[int],
+               full_tau_bytes: int, group=None) -> Shard:
+    """A :class:`Shard` from this rank's task-vector shard ``tau`` ``[T, S]`` (cut from the whole
+    stack, or built per rank from the files) and the whole base tensors, of which it keeps its
+    shard (checked: one dtype)."""
     dtypes = {b.dtype for b in bases}
     if len(dtypes) > 1:
         raise InputError(f"sharded task vectors need merged tensors of one dtype, found {sorted(map(str, dtypes))}")
-    layout = FlatLayout(tuple(keys), tuple(tuple(b.shape) for b in bases), world)
-    T = taus[0].shape[0]
-    full = sum(t.numel() * t.element_size() for t in taus)
-    return Shard(layout, rank, take_shard(bases, layout, rank), take_shard(taus, layout, rank, (T,)),
-                 torch.tensor(tensor_group, dtype=torch.long), full, group)
+    return Shard(layout, rank, take_shard(bases, layout, rank), tau, torch.tensor(tensor_group, dtype=torch.long),
+                 full_tau_bytes, group)

@@ -211,7 +211,8 @@ class TaskVectors:
                 pieces.setdefault(layout.keys[i], []).append((a, b, off))
             full_bytes = count * layout.total * torch.empty((), dtype=dtype).element_size()
             stack_shard = StackShard(layout, shard.rank, torch.zeros((count, layout.shard_size), dtype=dtype), full_bytes)
-            float_keys = [k for k in float_keys if k not in set(shard.keys)]
+            sharded = set(shard.keys)
+            float_keys = [k for k in float_keys if k not in sharded]
         vectors = {k: torch.empty((count, *base[k].shape), dtype=dtype) for k in float_keys}
         stacked = set(float_keys)
         names: list[str] = []
@@ -220,16 +221,15 @@ class TaskVectors:
                 raise InputError(f"task name '{name}' is given twice")
             sd = load()
             if not isinstance(sd, TensorSource):
-                sd = TensorSource(sd, source)
+                sd = TensorSource(sd)
             if keys is not None:
-                sd = TensorSource({k: sd.tensor(k) for k in sd.keys() if k in base}, source)
+                sd = TensorSource({k: sd.tensor(k) for k in sd.keys() if k in base})
             _check_same_layout(base, sd, base_source, source)
             # one tensor of the expert at a time (a safetensors file is read lazily): checked,
             # then its difference to the base stored whole or, sharded, only this rank's pieces
             for k in base:
                 value = sd.tensor(k)
-                if value.is_floating_point() and value.numel() and not bool(torch.isfinite(value).all()):
-                    raise InputError(f"{source}: tensor '{k}' has non-finite values (NaN or inf)")
+                require_finite({k: value}, source)
                 if k in stacked:
                     vectors[k][t] = (value.to(torch.float64) - base[k].to(torch.float64)).to(dtype)
                 for a, b, off in pieces.get(k, ()):

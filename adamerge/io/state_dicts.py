@@ -257,9 +257,8 @@ class TensorSource:
     tensor is asked for), so building task vectors holds one expert tensor at a time, not a whole
     expert; any other source is a state dict already in memory."""
 
-    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None, source: str = "state dict") -> None:
+    def __init__(self, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
         self._tensors = tensors
-        self.source = source
 
     def keys(self) -> list[str]:
         return list(self._tensors)
@@ -282,7 +281,7 @@ class _LazySafetensors(TensorSource):
     def __init__(self, path: Path, prefix: str | None) -> None:
         from safetensors import SafetensorError, safe_open
 
-        super().__init__(None, str(path))
+        super().__init__(None)
         try:
             self._file = safe_open(str(path), framework="pt", device="cpu")
             names = list(self._file.keys())
@@ -329,7 +328,7 @@ def open_state_dict(path: str | os.PathLike[str], *, prefix: str | None = None) 
     _check_file(p)
     if p.suffix.lower() in SAFETENSORS_EXTENSIONS:
         return _LazySafetensors(p, prefix)
-    return TensorSource(load_state_dict(p, prefix=prefix), str(p))
+    return TensorSource(load_state_dict(p, prefix=prefix))
 
 
 def require_finite(sd: Mapping[str, torch.Tensor], source: str) -> None:

@@ -168,9 +168,8 @@ class MergeModule(L.LightningModule):
 
             merged.shard(trainer.global_rank, trainer.world_size)
             release_freed_memory()
-        elif merged.is_sharded and (merged.shard_summary()["rank"], merged.shard_summary()["world"]) != \
+        elif merged.is_sharded and ((got := merged.shard_summary())["rank"], got["world"]) != \
                 (trainer.global_rank, trainer.world_size):
-            got = merged.shard_summary()
             raise InputError(f"this process built shard {got['rank']} of {got['world']} of the task vectors, but "
                              f"Lightning runs it as rank {trainer.global_rank} of {trainer.world_size} processes "
                              "(a launcher adamerge could not read before the build?)")
