@@ -36,6 +36,9 @@ REFERENCES = ["adamerging(layer)"]
 MUST_BEAT_ADAMERGING = ("fw_merging(soft)", "concrete_adamerging(layer)")
 TA = "task_arithmetic(lam=0.3)"
 
+# DOGE's δ as the port leaves it (the default before session 34): the variants of sessions 32-33 vary that
+_ADAM_DELTA = {"span": False, "project": "gradient"}
+
 # variants measured while choosing defaults (development settings only); the demo keeps the
 # paper's settings as rows of its own (demo.LEARNED: "...(paper)")
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -48,16 +51,23 @@ VARIANTS: dict[str, tuple[str, dict]] = {
                                                                  "method_args": {"step_rule": "schedule"}}),
     "atlas(test_time,no_flip)": ("atlas", {"lr": 1e-2, "objective": "weak_strong", "method_args": {"flip": False, "crop_min": 0.5}}),
     # session 32: a weaker DOGE merge (δ strengthens it; sub2 and full1 prefer task arithmetic's strength)
-    "doge(lam_mean=0.25)": ("doge", {"solver_args": {"lam_mean": 0.25}}),
-    "doge(lam_mean=0.2)": ("doge", {"solver_args": {"lam_mean": 0.2}}),
-    "doge(trim=0.2)": ("doge", {"solver_args": {"trim": 0.2}}),
-    "doge(steps=100)": ("doge", {"steps": 100}),
-    "doge(keep=subspace)": ("doge", {"solver_args": {"keep": "subspace"}}),
-    "doge(project=update)": ("doge", {"solver_args": {"project": "update"}}),
+    "doge(lam_mean=0.25)": ("doge", {"solver_args": {**_ADAM_DELTA, "lam_mean": 0.25}}),
+    "doge(lam_mean=0.2)": ("doge", {"solver_args": {**_ADAM_DELTA, "lam_mean": 0.2}}),
+    "doge(trim=0.2)": ("doge", {"solver_args": {**_ADAM_DELTA, "trim": 0.2}}),
+    "doge(steps=100)": ("doge", {"steps": 100, "solver_args": _ADAM_DELTA}),
+    "doge(keep=subspace)": ("doge", {"solver_args": {**_ADAM_DELTA, "keep": "subspace"}}),
+    "doge(project=update)": ("doge", {"solver_args": {**_ADAM_DELTA, "project": "update"}}),
     # session 33: Adam moves every entry of δ by about lr per step whatever the layer's scale; at
     # lr 1e-4 the demo zoo's (Σλ)δ came out a median 4.5x the merged task vector's norm (sub2)
-    "doge(lr=1e-5)": ("doge", {"solver_args": {"lr": 1e-5}}),
-    "doge(lr=3e-5)": ("doge", {"solver_args": {"lr": 3e-5}}),
+    "doge(lr=1e-5)": ("doge", {"solver_args": {**_ADAM_DELTA, "lr": 1e-5}}),
+    "doge(lr=3e-5)": ("doge", {"solver_args": {**_ADAM_DELTA, "lr": 3e-5}}),
+    # session 34: the loss sees δ only through its inner products with the task vectors' rows;
+    # keep that part (each row projected onto their span: the same loss, none of the rest)
+    "doge(span)": ("doge", {"solver_args": {"span": True, "project": "gradient"}}),
+    "doge(span,project=update)": ("doge", {"solver_args": {"span": True, "project": "update"}}),  # the default since session 34
+    "doge(span,trim=1)": ("doge", {"solver_args": {"span": True, "trim": 1.0, "project": "gradient"}}),
+    # the default before session 34 (Adam's δ as the port leaves it)
+    "doge(adam_delta)": ("doge", {"solver_args": _ADAM_DELTA}),
 }
 
 

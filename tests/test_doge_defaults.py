@@ -18,7 +18,8 @@ from adamerge.solvers import doge_ops
 
 C, CAP, OTHERS, LAM_MEAN = 0.07, 1.0, 0.3, 0.3  # the documented defaults of method doge (c: the port's)
 FIXED_C = {"lam_mean": None}  # method doge with the port's fixed c = 0.07 (and the other defaults)
-PORT = {"others": 0.0, "cap": None, "lam_mean": None}
+SPAN, PROJECT = True, "update"  # method doge keeps only the part of δ its loss sees, projected every step
+PORT = {"others": 0.0, "cap": None, "lam_mean": None, "span": False, "project": "gradient"}
 
 
 def _cnn(make_zoo):
@@ -124,10 +125,11 @@ def test_doge_solver_trains_delta_with_the_capped_coefficients(make_zoo, monkeyp
     from adamerge.solvers.doge import DOGESolver
 
     model, base, experts = _cnn(make_zoo)
-    seen = []
+    seen, options = [], []
 
     def record(taus, lam, **kwargs):
         seen.append((taus.clone(), lam.clone()))
+        options.append(kwargs)
         return torch.zeros(taus.shape[1:], dtype=taus.dtype), []
 
     monkeypatch.setattr(doge_ops, "solve_layer", record)
@@ -141,6 +143,9 @@ def test_doge_solver_trains_delta_with_the_capped_coefficients(make_zoo, monkeyp
         hand = torch.tensor([min(c_l / float(t.norm()), CAP) for t in taus], dtype=lam.dtype)
         assert torch.allclose(lam, hand, rtol=1e-6)
     assert all(abs(float(lam.mean()) - LAM_MEAN) < 1e-6 for _, lam in seen if bool((lam < CAP).all()))
+    assert all(o["span"] is SPAN and o["project"] == PROJECT for o in options)  # the documented defaults
+    port = create_method("doge").config({"solver_args": PORT}).solver_args
+    assert port["span"] is False and port["project"] == "gradient"  # the port: Adam's δ as it comes
 
 
 def test_doge_coefficients_cap_by_hand():

@@ -119,6 +119,57 @@ def test_solve_layer_gradient_mode_is_the_port_and_adam_leaks():
     assert torch.equal(again, delta) and losses2 == losses  # deterministic
 
 
+@pytest.mark.parametrize("per_task", [False, True])
+def test_visible_part_keeps_the_loss_and_drops_what_it_cannot_see(per_task):
+    """visible_part(δ) lies in each row's span of the task vectors' rows, differs from δ by a part
+    orthogonal to every task row (so every inner product, hence the loss, is unchanged), is
+    idempotent, never larger, and handles a zero task row (rank-deficient Gram)."""
+    taus = _taus(T=3, out=8, inn=20, seed=11)
+    taus[1, 2] = 0.0  # task 1 did not change row 2
+    taus[2, 5] = taus[0, 5] * 2.0  # parallel rows in row 5
+    g = torch.Generator().manual_seed(12)
+    delta = torch.randn(*((3, 8, 20) if per_task else (8, 20)), generator=g, dtype=torch.float64)
+    lam = torch.tensor([0.3, 0.2, 0.4], dtype=torch.float64)
+    kept = D.visible_part(taus, delta)
+    assert kept.shape == delta.shape and kept.dtype == delta.dtype
+    removed = (delta - kept).reshape(-1, 8, 20)
+    inner = torch.einsum("tri,sri->tsr", taus, removed)  # every task row against every removed row
+    assert float(inner.abs().max()) < 1e-10
+    assert float(D.layer_loss(taus, kept, lam)) == pytest.approx(float(D.layer_loss(taus, delta, lam)), rel=1e-10)
+    assert torch.allclose(D.visible_part(taus, kept), kept, atol=1e-12)
+    assert float(kept.norm()) < float(delta.norm())
+    # in the span: each kept row is a combination of the task rows (least squares fits exactly)
+    rows = kept.reshape(-1, 8, 20)
+    for r in range(8):
+        a = taus[:, r, :].T  # [in, T]
+        for s in range(rows.shape[0]):
+            c = torch.linalg.lstsq(a, rows[s, r].unsqueeze(1), driver="gelsd").solution
+            assert torch.allclose(a @ c, rows[s, r].unsqueeze(1), atol=1e-10)
+    # by hand, one row: the projector A^T (A A^T)^+ A
+    a = taus[:, 0, :]
+    want = a.T @ torch.linalg.pinv(a @ a.T) @ a @ delta.reshape(-1, 8, 20)[0, 0]
+    assert torch.allclose(rows[0, 0], want, atol=1e-10)
+
+
+def test_solve_layer_span_is_the_visible_part_of_the_ports_delta():
+    """span=True returns visible_part of what the port's loop trains, with the same loss; plain
+    gradient descent from zero would already stay in that span (Adam's per-entry steps do not)."""
+    taus = _taus(T=2, out=12, inn=12, seed=6)
+    lam = D.doge_coefficients(taus, 0.07)
+    delta, losses = D.solve_layer(taus, lam, steps=25, lr=1e-3)
+    kept, losses2 = D.solve_layer(taus, lam, steps=25, lr=1e-3, span=True)
+    assert losses2 == losses
+    assert torch.allclose(kept, D.visible_part(taus, delta), atol=1e-12)
+    assert float(D.layer_loss(taus, kept, lam)) == pytest.approx(float(D.layer_loss(taus, delta, lam)), rel=1e-9)
+    assert float(kept.norm()) < 0.9 * float(delta.norm())  # Adam put a good part of δ outside the span
+    gd = torch.zeros(12, 12, dtype=taus.dtype, requires_grad=True)
+    for _ in range(5):
+        loss = D.layer_loss(taus, gd, lam)
+        (grad,) = torch.autograd.grad(loss, gd)
+        gd = (gd - 1e-2 * grad / grad.norm()).detach().requires_grad_(True)
+    assert torch.allclose(D.visible_part(taus, gd.detach()), gd.detach(), atol=1e-12)
+
+
 def test_solve_layer_dtype_and_validation():
     taus = _taus(T=2, out=6, inn=6, dtype=torch.float16).float().half()
     lam = torch.tensor([0.1, 0.2])

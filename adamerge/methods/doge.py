@@ -13,7 +13,12 @@
   convolutions λ ≈ 0.2 and its depthwise kernels λ up to 5), ``others: 0.3`` (task arithmetic's
   λ; the port's 0 leaves them at θ0, harmless on a ViT's LayerNorms, not on a BatchNorm network
   whose experts fine-tuned their affine parameters) and ``cap: 1`` (never more than the expert's
-  own task vector). The port: ``solver_args: {lam_mean: null, others: 0, cap: null}``.
+  own task vector). Two more keep δ where DOGE means it to be: ``project: update`` (δ itself, not
+  only its gradient, projected out of the shared subspace after every Adam step) and ``span: true``
+  (each row of δ projected onto the span of the task vectors' same rows after training: the
+  loss is unchanged, and what Adam's per-entry steps put outside that span, noise the loss
+  cannot see, is dropped). The port: ``solver_args: {lam_mean: null, others: 0, cap: null,
+  span: false, project: gradient}``.
 - ``doge_adamerging``: the same δ, one per task (``prepare_args``), then the coefficients of
   ``θ0 + Σ_t λ_t,g · ((τ_t + δ_t) ⊙ M_t)`` trained like AdaMerging (``solver``, ``objective``, any
   granularity; init 0.3, box [0, 1]). Unlike the port, parameters without a correction are
@@ -77,9 +82,10 @@ class DOGE(_DOGEBase):
     # the solver's options default to the port's reading; ours (measured on the demo zoos, see
     # docs/methods.md): a scale-free c (the tasks' λ average to task arithmetic's 0.3 in every
     # matrix), the parameters without a correction merged like task arithmetic (0.3), λ capped
-    # at 1. The port: solver_args {lam_mean: null, others: 0, cap: null}.
+    # at 1; δ kept where its loss and DOGE's projection put it (project: update, span: true; session 34).
+    # The port: solver_args {lam_mean: null, others: 0, cap: null, span: false, project: gradient}.
     defaults = {"granularity": "layer", "constraint": "none", "solver": "doge", "steps": 400,
-                "solver_args": {"lam_mean": 0.3, "others": 0.3, "cap": 1.0}}
+                "solver_args": {"lam_mean": 0.3, "others": 0.3, "cap": 1.0, "span": True, "project": "update"}}
     description = "DOGE: data-free projective-gradient corrections of the task vectors (λ = c/‖τ‖)"
 
     def _options(self, cfg: MethodConfig) -> DOGEOptions:

@@ -44,6 +44,9 @@ class DOGEOptions:
     subspace_divisor: float = option(doge_ops.DEFAULT_SUBSPACE_DIVISOR, low=0, low_open=True)  # keep r/6 columns of the shared basis
     per_task_divisor: float | None = option(None, low=0, low_open=True)  # each task contributes r/T singular vectors (None: T)
     lr: float = option(doge_ops.DEFAULT_LR, low=0, low_open=True)
+    # keep only the part of δ the loss sees (each row projected onto the span of the task vectors'
+    # rows: the same loss, without what Adam's per-entry steps put outside it); False: the port
+    span: bool = option(False)
     steps_per_layer: int | None = option(None, low=0)  # None: options.steps
     trim: float = option(doge_ops.DEFAULT_TRIM_KEEP, low=0, low_open=True, high=1)  # final merge keeps this fraction of each τ_t by magnitude (1: no trim)
     others: float = option(0.0)  # coefficient of the parameters without a correction (the port: 0, they stay at θ0; method doge: 0.3)
@@ -95,6 +98,7 @@ class DOGESolver(Solver):
                 delta, losses = doge_ops.solve_layer(
                     taus, lam, steps=steps, lr=a.lr, per_task=a.per_task, keep=a.keep,
                     subspace_divisor=a.subspace_divisor, per_task_divisor=a.per_task_divisor, project=a.project,
+                    span=a.span,
                 )
             except FloatingPointError as err:
                 raise NonFiniteLossError(f"doge: layer '{key}': {err}") from None

@@ -267,6 +267,32 @@ def magnitude_trim_mask(tau: Tensor, keep: float = DEFAULT_TRIM_KEEP) -> Tensor:
     return mask.reshape(tau.shape)
 
 
+def visible_part(taus: Tensor, delta: Tensor) -> Tensor:
+    """The part of ``delta`` that :func:`layer_loss` sees: each row of ``delta`` (``[out, in]``, or
+    every task's in ``[T, out, in]``) projected onto the span of the task vectors' same rows,
+    ``P_r = A_r^T (A_r A_r^T)^+ A_r`` with ``A_r = taus[:, r, :]`` (``[T, in]``).
+
+    Why: the loss reads ``delta`` only through the inner products ``<tau_j[r], delta[r]>``, so
+    this projection leaves every such product, hence the loss, unchanged, and drops what the
+    loss cannot see. Gradient descent from zero never leaves that span; Adam's per-entry scaling
+    does, and what it puts outside is noise added to the merged weights (on the demo zoos most
+    of ``delta``'s norm). Rank-deficient rows (a zero task vector row, parallel rows) are handled
+    by the pseudo-inverse. Computed in float64, returned in ``delta``'s dtype.
+    """
+    t = _check_taus(taus)
+    if delta.shape not in (t.shape, t.shape[1:]):
+        raise InputError(f"delta must be [out, in]={tuple(t.shape[1:])} or [T, out, in]={tuple(t.shape)}, "
+                         f"got {tuple(delta.shape)}")
+    a = t.transpose(0, 1).to(torch.float64)  # [out, T, in]
+    d = delta.detach().to(torch.float64)
+    rows = d.unsqueeze(1) if d.dim() == 2 else d.transpose(0, 1)  # [out, S, in]
+    gram = a @ a.transpose(1, 2)  # [out, T, T]
+    coef = torch.linalg.pinv(gram, hermitian=True) @ (a @ rows.transpose(1, 2))  # [out, T, S]
+    kept = (a.transpose(1, 2) @ coef).transpose(1, 2)  # [out, S, in]
+    out = kept.squeeze(1) if d.dim() == 2 else kept.transpose(0, 1)
+    return out.to(delta.dtype).contiguous()
+
+
 # --------------------------------------------------------------------------- solver
 def solve_layer(
     taus: Tensor,
@@ -280,6 +306,7 @@ def solve_layer(
     per_task_divisor: float | None = None,
     U: Tensor | None = None,
     project: Literal["gradient", "update"] = "gradient",
+    span: bool = False,
 ) -> tuple[Tensor, list[float]]:
     """Train DOGE's correction ``delta`` for one layer; returns ``(delta, losses)``.
 
@@ -290,7 +317,9 @@ def solve_layer(
     ``delta`` after every step so it stays exactly in the kept subspace (Adam's per-entry scaling
     otherwise leaks components into the removed one). ``losses[i]`` is the loss before step i.
     Deterministic (no randomness; CPU Adam is deterministic). Raises FloatingPointError if the loss
-    stops being finite. ``delta`` is returned detached, in the working dtype.
+    stops being finite. ``span=True`` (not in the port) returns :func:`visible_part` of the
+    trained ``delta``: the same loss, without the components the loss cannot see. ``delta`` is
+    returned detached, in the working dtype.
     """
     _check_keep(keep)
     if project not in PROJECT_CHOICES:
@@ -329,4 +358,6 @@ def solve_layer(
             if project == "update":
                 with torch.no_grad():
                     delta.copy_(project_gradient(delta, U, keep))
+    if span:
+        return visible_part(t, delta), losses
     return delta.detach(), losses
