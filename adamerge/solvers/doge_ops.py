@@ -316,7 +316,8 @@ def solve_layer(
     unless given). ``project="gradient"`` is the port; ``project="update"`` also projects
     ``delta`` after every step so it stays exactly in the kept subspace (Adam's per-entry scaling
     otherwise leaks components into the removed one). ``losses[i]`` is the loss before step i.
-    Deterministic (no randomness; CPU Adam is deterministic). Raises FloatingPointError if the loss
+    No randomness (repeated calls on one small layer give the same δ, tested; two demo runs of
+    the port's reading on large layers differed, docs/results.md). Raises FloatingPointError if the loss
     stops being finite. ``span=True`` (not in the port) returns :func:`visible_part` of the
     trained ``delta``: the same loss, without the components the loss cannot see. ``delta`` is
     returned detached, in the working dtype.
