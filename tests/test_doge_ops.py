@@ -223,3 +223,25 @@ def test_doge_coefficients_and_zero_norm():
     big = taus.repeat(1, 3, 3)  # [3, 6, 6]: task 1 is all zeros
     delta, losses = D.solve_layer(big, D.doge_coefficients(big, 0.07), steps=3)
     assert all(torch.isfinite(torch.tensor(losses))) and bool(torch.isfinite(delta).all())
+
+
+def test_doge_visible_script_measures_the_seen_fraction(tmp_path):
+    """experiments/doge_visible.py: one ratio per weight matrix of a zoo folder, each ||visible|| /
+    ||δ|| of the port's δ, in (0, 1]; biases and untouched matrices are skipped."""
+    import runpy
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    base = {"a.weight": torch.randn(6, 16, generator=g), "a.bias": torch.randn(6, generator=g),
+            "b.weight": torch.randn(4, 6, generator=g)}
+    (tmp_path / "experts").mkdir()
+    save_file(base, str(tmp_path / "base.safetensors"))
+    for t in range(2):
+        expert = {k: v.clone() for k, v in base.items()}
+        expert["a.weight"] += 0.01 * torch.randn(6, 16, generator=g)  # b.weight left untouched
+        save_file(expert, str(tmp_path / "experts" / f"t{t}.safetensors"))
+    script = Path(__file__).resolve().parents[1] / "experiments" / "doge_visible.py"
+    ratios = runpy.run_path(str(script))["visible_ratios"](tmp_path)
+    assert len(ratios) == 1 and 0.0 < ratios[0] < 1.0

@@ -275,8 +275,8 @@ def visible_part(taus: Tensor, delta: Tensor) -> Tensor:
     Why: the loss reads ``delta`` only through the inner products ``<tau_j[r], delta[r]>``, so
     this projection leaves every such product, hence the loss, unchanged, and drops what the
     loss cannot see. Gradient descent from zero never leaves that span; Adam's per-entry scaling
-    does, and what it puts outside is noise added to the merged weights (on the demo zoos most
-    of ``delta``'s norm). Rank-deficient rows (a zero task vector row, parallel rows) are handled
+    does, and what it puts outside is noise added to the merged weights (on sub2's demo zoo the
+    part kept is a median 0.52 of ``delta``'s norm over 49 matrices, experiments/doge_visible.py). Rank-deficient rows (a zero task vector row, parallel rows) are handled
     by the pseudo-inverse. Computed in float64, returned in ``delta``'s dtype.
     """
     t = _check_taus(taus)
