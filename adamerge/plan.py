@@ -170,6 +170,8 @@ class RunPlan:
             _check_settings(cfg)
         if self.fitting and cfg["trainer"].get("strategy") == SHARD_STRATEGY and self._once("shard_strategy"):
             self._check_shard_strategy()
+        if self.options.train_heads and self._once("train_heads"):
+            self._check_train_heads()
         self._check_task_names()
         if self.resume is not None:  # None: decided later (an ablation cell), checked by fit()
             self.check_run_folder()
@@ -190,6 +192,23 @@ class RunPlan:
             why = f"granularity '{self.options.granularity}' splits tensors; use task, block or layer"
         if why:
             raise InputError(f"trainer.strategy {SHARD_STRATEGY} (task vectors sharded across processes): {why}")
+
+    def _check_train_heads(self) -> None:
+        """``options.train_heads`` trains the heads with the coefficients in this process's
+        gradient steps: a method with its own loop, a data stage of another solver (whose update
+        would project or line-search the heads too) or several processes are refused before a
+        file is written."""
+        why = None
+        devices = self.cfg["trainer"].get("devices", 1)
+        other = [s.name for s in self.solvers if s.needs_data and s.name != "gradient"]
+        if self.method.own_loop:
+            why = f"method '{self.cfg['method']}' runs its own loop"
+        elif other:
+            why = f"method '{self.cfg['method']}' trains with solver '{other[0]}' (only 'gradient' steps train heads)"
+        elif devices != 1 or self.cfg["trainer"].get("num_nodes", 1) != 1:
+            why = f"trainer.devices {devices}: heads train in one process only"
+        if why:
+            raise InputError(f"option 'train_heads': {why}")
 
     def shard_build(self) -> tuple[int, int] | None:
         """``(rank, world)`` when this process of a sharded run reads only its shard of the task

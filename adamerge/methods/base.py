@@ -70,14 +70,20 @@ EXECUTION_OPTIONS = ("micro_batch",)
 steps give the same step to float rounding (tests/test_micro_batch.py). Two finished runs whose
 settings differ only in these are the same run (:func:`same_run`; the demo reuses such a row)."""
 
+ADDED_OPTIONS = {"train_heads": False, "head_lr": 1e-3}
+"""Options added after runs were recorded, with their defaults: a record without one ran as the
+default does, so a setting at its default is left out of the comparison (:func:`same_run`)."""
+
 
 def same_run(a: Mapping, b: Mapping) -> bool:
     """Whether two resolved settings (:meth:`Method.settings`, or records holding them under
-    ``resolved``) describe the same run: equal once the :data:`EXECUTION_OPTIONS` are left out."""
+    ``resolved``) describe the same run: equal once the :data:`EXECUTION_OPTIONS` and the
+    :data:`ADDED_OPTIONS` at their defaults are left out."""
 
     def strip(d):
         if isinstance(d, Mapping):
-            return {k: strip(v) for k, v in d.items() if k not in EXECUTION_OPTIONS}
+            return {k: strip(v) for k, v in d.items() if k not in EXECUTION_OPTIONS
+                    and not (k in ADDED_OPTIONS and v == ADDED_OPTIONS[k])}
         return d
 
     return strip(a) == strip(b)
@@ -118,6 +124,11 @@ class MethodConfig:
     ties_density: float | None = None
     preprocess: Any = None  # a registered merge that rewrites the task vectors: NAME or {merge: NAME, ...options}
     buffer_policy: str = "base"
+    # SyMerge's task-specific layer (issue 24): each task's head trains with the coefficients on
+    # the same objective (its own Adam learning rate ``head_lr``), is saved with the run and
+    # exported in place of the given heads; off by default (the heads stay the experts')
+    train_heads: bool = False
+    head_lr: float = 1e-3
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -179,6 +190,8 @@ class MethodConfig:
         if self.bounds[0] > self.bounds[1]:
             raise InputError(f"option 'bounds' needs lo <= hi, got {list(self.bounds)}")
         self.total = check_float("total", self.total, low=0, low_open=True)
+        self.train_heads = check_bool("train_heads", self.train_heads)
+        self.head_lr = check_float("head_lr", self.head_lr, low=0, low_open=True)
         if self.objective not in OBJECTIVES:
             raise InputError(f"unknown objective '{self.objective}'{did_you_mean(self.objective, sorted(OBJECTIVES))}; choose from {sorted(OBJECTIVES)}")
         if self.solver not in list_solvers():

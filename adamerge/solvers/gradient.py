@@ -61,14 +61,15 @@ class GradientSolver(Solver):
         return {"clamp": None, "simplex": False}
 
     def configure_optimizers(self, module):
-        return create_optimizer(self.cfg.optimizer, module.trainable_parameters(), self.cfg.lr, self.cfg.weight_decay)
+        # the coefficients (and masks) at options.lr; trained heads (options.train_heads) at options.head_lr
+        return create_optimizer(self.cfg.optimizer, module.parameter_groups(), self.cfg.lr, self.cfg.weight_decay)
 
     def training_step(self, module, batch) -> Tensor:
         loss, opt = backward_and_step(module, batch, self, self.cfg.grad_clip)
         if self.args.schedule != "constant":
             lr = scheduled_lr(self.cfg.lr, module.global_step, module.trainer.max_steps, self.args.schedule)
-            for group in opt.optimizer.param_groups:
-                group["lr"] = lr
+            for group, base in zip(opt.optimizer.param_groups, (self.cfg.lr, self.cfg.head_lr)):
+                group["lr"] = lr * base / self.cfg.lr  # every group on the same schedule
             module.log_extra({"lr": lr})
         opt.step()
         return loss

@@ -314,3 +314,14 @@ class LinearHead(nn.Module):
 
     def state(self) -> dict[str, Tensor]:
         return {"weight": self.weight} | ({} if self.bias is None else {"bias": self.bias})
+
+    def trainable(self) -> "LinearHead":
+        """A copy whose weight and bias are parameters (``options.train_heads``: the head is the
+        task-specific layer trained with the coefficients); this head is left as it is."""
+        head = LinearHead(self.weight, self.bias, self.normalize)
+        for name in ("weight", "bias"):
+            value = getattr(head, name)
+            if value is not None:
+                delattr(head, name)
+                setattr(head, name, nn.Parameter(value))
+        return head

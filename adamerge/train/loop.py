@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
-from adamerge.train.data import StepBatch, StepBatches, TaskStream, images_layout, strong_view
+from adamerge.train.data import LinearHead, StepBatch, StepBatches, TaskStream, images_layout, strong_view
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.train.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
 from adamerge.core.merged import MergedModel
@@ -134,9 +134,11 @@ class MergeModule(L.LightningModule):
             raise InputError(f"no head for task '{missing[0]}' (heads given for {sorted(heads)})")
         self.automatic_optimization = False
         self.merged = merged
-        self.heads = nn.ModuleDict({t: heads[t] for t in self.tasks})
+        # options.train_heads: trainable copies (the given heads stay as they are), else frozen
+        self.train_heads = bool(cfg.train_heads)
+        self.heads = nn.ModuleDict({t: heads[t].trainable() if self.train_heads else heads[t] for t in self.tasks})
         for p in self.heads.parameters():
-            p.requires_grad_(False)
+            p.requires_grad_(self.train_heads)
         self.cfg = cfg
         self.solver = solver
         self.objective = functools.partial(get_objective(cfg.objective), **cfg.objective_args)
@@ -146,7 +148,7 @@ class MergeModule(L.LightningModule):
         self.augment, self.seed, self.view = augment, seed, dict(view or {})
         for i, t in enumerate(self.tasks):  # per-sample targets move with the module
             self.register_buffer(f"_target{i}", None if targets is None else targets[t], persistent=False)
-        self.strict_loading = False  # checkpoints leave the frozen heads out
+        self.strict_loading = False  # checkpoints leave frozen heads out
         self.stop_reason: str | None = None
         self._recent: list[float] = []  # the last losses, for options.early_stop
         self.regularizer = regularizer  # e.g. a mask-density penalty: merged -> (scalar, logs)
@@ -201,6 +203,15 @@ class MergeModule(L.LightningModule):
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict]:
+        """The optimiser's groups: the method's parameters (coefficients, masks) at ``options.lr``
+        and, with ``options.train_heads``, the heads at ``options.head_lr``."""
+        heads = {id(p) for p in self.heads.parameters()}
+        groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in heads]}]
+        if self.train_heads:
+            groups.append({"params": list(self.heads.parameters()), "lr": self.cfg.head_lr})
+        return groups
 
     def task_losses(self, batch: StepBatch | Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Per-task objective values of one batch (a :class:`StepBatch`, or ``{task: inputs}``
@@ -375,7 +386,8 @@ class MergeModule(L.LightningModule):
         return self.solver.configure_optimizers(self)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("heads.")}
+        if not self.train_heads:  # frozen heads come from the config; trained ones are state
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("heads.")}
         checkpoint["adamerge_stop_reason"] = self.stop_reason
         checkpoint["adamerge_recent_losses"] = list(self._recent)
         checkpoint["adamerge_solver"] = self.solver.state_dict()
@@ -470,6 +482,9 @@ def run_plan(plan) -> dict:
     state = run.load_state() or {}
     done = run.stages_done()
     merged, module, modules, steps_done, data = None, None, [], 0, None
+    # options.train_heads: the heads as the last finished data stage left them (the given ones at
+    # the start); the experts' targets and the start's scores keep the given heads
+    trained_heads = run.load_heads(heads) if cfg.train_heads else heads
     for i, (solver, (_, _, steps)) in enumerate(zip(stages, plan_stages)):
         last = i == len(stages) - 1
         if i < done:  # finished before an interruption
@@ -490,7 +505,7 @@ def run_plan(plan) -> dict:
                     state = {**state, **data.state}
                     if rank_zero:
                         run.save_state(state, {"stages_done": i, "solver": solver.name})
-            module = MergeModule(merged, heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
+            module = MergeModule(merged, trained_heads, cfg, solver, data.targets, regularizer=m.regularizer(cfg),
                                  augment=data.augment, seed=seed, tasks=tasks, view=data.view)
             module.keep_start = sharded_build
             if plan.cfg["trainer"].get("strategy") == SHARD_STRATEGY:
@@ -536,6 +551,11 @@ def run_plan(plan) -> dict:
                     before = evaluate(merged, heads, streams, eval_batch_size)
             modules.append(module)
             steps_done += trainer.global_step
+            if cfg.train_heads:
+                trained_heads = {t: LinearHead(h.weight.detach().cpu(), None if h.bias is None else h.bias.detach().cpu(),
+                                               h.normalize) for t, h in module.heads.items()}
+                if rank_zero:  # before the stage is marked done: a resume of the next stage reads them
+                    run.save_heads(trained_heads)
         # every rank goes on to the next stage (its DDP fit needs them all) with the same state:
         # the coefficients are equal on every rank (gradients are averaged); rank 0 writes
         extra = m.stage_state(merged, cfg, i, last)
@@ -550,7 +570,7 @@ def run_plan(plan) -> dict:
     seconds = time.perf_counter() - start
     if cfg.buffer_policy == "reestimate":
         merged.reestimate_buffers(reestimate_batches(streams, eval_batch_size))
-    after = evaluate(merged, heads, streams, eval_batch_size)
+    after = evaluate(merged, trained_heads, streams, eval_batch_size)
     run.save_coefficients(merged)
     run.collect_metrics()
     results = {
@@ -563,6 +583,10 @@ def run_plan(plan) -> dict:
         "stopped_early": next((mod.stop_reason for mod in modules if mod.stop_reason), None),
         **m.results(merged, cfg),
     }
+    if cfg.train_heads:  # how far each head moved from the given one (Frobenius norm of W, relative)
+        results["heads"] = {"trained": True, "head_lr": cfg.head_lr, "relative_change": {
+            t: float((trained_heads[t].weight - heads[t].weight).norm() / heads[t].weight.norm().clamp_min(1e-12))
+            for t in tasks}}
     chunking = next((mod.chunking for mod in modules if mod.chunking), None)
     if chunking is not None:  # micro_batch: auto's measured choice
         results["micro_batch"] = {**chunking, "chunk": chunk_size(chunking, cfg.batch_size), "batch_size": cfg.batch_size}

@@ -7,6 +7,7 @@ A run folder holds::
     groups.json                  the coefficient groups and their member tensors
     method_state.safetensors     tensors a method needs besides the coefficients (e.g. DOGE's
                                  corrections), absent when there are none
+    heads.safetensors            the trained heads (options.train_heads), absent otherwise
     metrics.csv                  every logged step of every attempt (first run and resumes)
     results.json                 method, options, solver summary, accuracies; written LAST, so
                                  its presence (with ``"status": "finished"``) marks a finished run
@@ -21,11 +22,12 @@ import csv
 import io
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
-from torch import Tensor
+from torch import Tensor, nn
 
 from adamerge.errors import InputError
 from adamerge.io.files import atomic_save_safetensors, atomic_write_json, atomic_write_text
@@ -120,6 +122,41 @@ class RunFolder:
             self.state_path,
             {"meta": json.dumps(meta or {})},
         )
+
+    @property
+    def heads_path(self) -> Path:
+        return self.path / "heads.safetensors"
+
+    def save_heads(self, heads: Mapping[str, nn.Module]) -> None:
+        """``options.train_heads``: the trained heads (``<task>.weight`` / ``<task>.bias``),
+        written when a data stage ends; refused when one is not finite."""
+        from adamerge.io.state_dicts import require_finite
+
+        state = {f"{t}.{k}": v.detach().cpu().contiguous() for t, h in heads.items() for k, v in h.state().items()}
+        require_finite(state, "the trained heads")
+        atomic_save_safetensors(state, self.heads_path)
+
+    def load_heads(self, heads: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
+        """``heads`` with the run's trained weights in their place (frozen), or ``heads`` as they
+        are when the run trained none. Each trained tensor must match the given head's shape."""
+        from adamerge.io.state_dicts import load_state_dict, require_finite
+        from adamerge.train.data import LinearHead
+
+        if not self.heads_path.is_file():
+            return dict(heads)
+        state = load_state_dict(self.heads_path)
+        require_finite(state, str(self.heads_path))
+        out = {}
+        for t, head in heads.items():
+            given = head.state()
+            trained = {k: state.get(f"{t}.{k}") for k in given}
+            for k, v in trained.items():
+                if v is None or tuple(v.shape) != tuple(given[k].shape):
+                    got = "missing" if v is None else f"of shape {tuple(v.shape)}"
+                    raise InputError(f"{self.heads_path}: the trained '{t}.{k}' is {got}; the head of '{t}' has "
+                                     f"{tuple(given[k].shape)} (were the heads changed after training?)")
+            out[t] = LinearHead(trained["weight"], trained.get("bias"), getattr(head, "normalize", False))
+        return out
 
     def state_meta(self) -> dict[str, Any]:
         """The metadata saved with the method state (``{}`` when there is none)."""

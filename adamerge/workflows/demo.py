@@ -100,6 +100,9 @@ LEARNED |= {
                                                               "objective_args": {"hard": True}}),
     "adamerging(partition:4,trusted_distill,hard)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill",
                                                                     "objective_args": {"hard": True}}),
+    # SyMerge's recipe (issue 24): the heads train with the coefficients on the same targets
+    "adamerging(partition:4,trusted_distill,heads)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2,
+                                                                     "objective": "trusted_distill", "train_heads": True}),
 }
 # test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
 # settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's

@@ -2,7 +2,8 @@
 
 Saving coefficients (``coefficients.safetensors``, done by ``fit``) and exporting a merged model
 (``export``: full weights a user can load without adamerge) are two separate, named actions.
-An export folder holds ``model.safetensors`` (same keys as the base), ``heads.safetensors``,
+An export folder holds ``model.safetensors`` (same keys as the base), ``heads.safetensors`` (the
+run's trained heads with ``options.train_heads``, else the config's),
 ``adamerge.json`` (inputs with sha256, method, coefficients, metrics, version) and ``README.md``.
 It is written to a temporary sibling folder and renamed into place, so it is whole or absent.
 
@@ -59,6 +60,7 @@ def load_run(run_dir: str | Path) -> tuple[MergedModel, dict, dict]:
         require_finite(state, str(run.state_path))
     plan = RunPlan.for_run(run_dir)
     cfg, parts, mcfg = plan.cfg, plan.parts, plan.options
+    parts["heads"] = run.load_heads(parts["heads"])  # options.train_heads: the run's trained heads
     merged = plan.method.build(parts["model"], parts["tv"], mcfg, seed=cfg["seed"], state=state)
     if tuple(coef.shape) != tuple(merged.coefficients.shape):
         raise InputError(
