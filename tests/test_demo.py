@@ -92,6 +92,39 @@ def test_a_row_made_under_other_execution_options_is_the_same_run(demo_out, caps
         (demo_out / "results.json").write_text(table)  # the other tests read the full table
 
 
+def test_a_row_with_the_settings_of_another_rows_run_reuses_it(demo_out, capsys, monkeypatch):
+    """A row whose options resolve to another finished row's settings (a default named
+    explicitly, or a variant that a default later became) is not refitted: the run is copied
+    into the row's own folder with the row's own config and marker."""
+    import yaml
+
+    from adamerge.workflows import demo
+
+    method, options = demo.LEARNED["adamerging(layer)"]
+    monkeypatch.setitem(demo.LEARNED, "adamerging(layer,entropy)", (method, {**options, "objective": "entropy"}))
+    table = (demo_out / "results.json").read_text()
+    cache = (demo_out / "cache_dir.txt").read_text()
+    folder = demo_out / "runs" / demo._slug("adamerging(layer,entropy)")
+    try:
+        assert main(["demo", "--quick", "--out", str(demo_out), "--cache-dir", cache, "--rows", "adamerging(layer,entropy)"]) == 0
+        err = capsys.readouterr().err
+        assert "reusing the finished run of adamerging(layer,entropy) from row folder 'adamerging_layer'" in err, err
+        again = json.loads((demo_out / "results.json").read_text())["methods"]["adamerging(layer,entropy)"]
+        assert again["per_task"] == json.loads(table)["methods"]["adamerging(layer)"]["per_task"]
+        assert yaml.safe_load((folder / "config.yaml").read_text())["run_dir"] == str(folder.resolve())
+        assert json.loads((folder / "demo_row.json").read_text())["options"]["objective"] == "entropy"
+        assert not folder.with_name(folder.name + ".copying").exists()
+        # a row whose settings differ has no twin
+        spec = json.loads((folder / "demo_row.json").read_text())
+        spec["resolved"]["config"]["lr"] = 0.5
+        assert demo.same_finished_run(demo_out / "runs", spec) is None
+    finally:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        (demo_out / "results.json").write_text(table)  # the other tests read the full table
+
+
 def test_demo_writes_results_plots_and_export(demo_out):
     results = json.loads((demo_out / "results.json").read_text())
     tasks = results["tasks"]

@@ -251,11 +251,25 @@ def run_demo(
                              labeled=create_method(method).uses_labels_with(create_method(method).config(options)),
                              pool=pool if method == "fw_merging" else None)
         # (a run made under other execution options, e.g. micro_batch, is the same run: same_run)
-        if marker.is_file() and same_run(json.loads(marker.read_text()), spec) and RunFolder(run_dir).is_finished():
+        own = marker.is_file() and same_run(json.loads(marker.read_text()), spec) and RunFolder(run_dir).is_finished()
+        twin = None if own else same_finished_run(runs, spec, run_dir)
+        if own:
             res = RunFolder(run_dir).read_results()
             say(f"[demo] reusing the finished run of {name}")
             if not RunFolder(run_dir).config_path.is_file():
                 RunFolder(run_dir).write_config(row_cfg)
+        elif twin is not None:
+            # another row under another name made this very run (e.g. a variant that a default
+            # later became): copied, with this row's own config and marker
+            say(f"[demo] reusing the finished run of {name} from row folder '{twin.name}' (the same resolved settings)")
+            shutil.rmtree(run_dir, ignore_errors=True)
+            tmp = run_dir.with_name(run_dir.name + ".copying")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(twin, tmp)
+            tmp.rename(run_dir)
+            RunFolder(run_dir).write_config(row_cfg)
+            atomic_write_json(marker, spec)
+            res = RunFolder(run_dir).read_results()
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
             RunFolder(run_dir).write_config(row_cfg)
@@ -280,6 +294,28 @@ def run_demo(
     print(f"\nresults: {out / 'results.json'}, {out / 'results.md'}; plots: {out / 'accuracy.png'},"
           f" {out / 'coefficients.png'}; merged checkpoint: {out / 'export'}")
     return results
+
+
+def same_finished_run(runs: Path, spec: dict, exclude: Path | None = None) -> Path | None:
+    """A finished demo row folder under ``runs`` (other than ``exclude``) made from the same zoo,
+    method, seed and resolved settings as ``spec`` (the options as written may differ: a default
+    named explicitly is the same run), or ``None``."""
+    if not runs.is_dir():
+        return None
+    keys = ("zoo", "method", "seed")
+    for marker in sorted(runs.glob("*/demo_row.json")):
+        folder = marker.parent
+        if exclude is not None and folder.resolve() == Path(exclude).resolve():
+            continue
+        try:
+            other = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(other, dict) or any(other.get(k) != spec.get(k) for k in keys) or "resolved" not in other:
+            continue
+        if same_run(other["resolved"], spec["resolved"]) and RunFolder(folder).is_finished():
+            return folder
+    return None
 
 
 def _pool(out: Path, zoo, tasks: list[str], seed: int) -> dict[str, str]:
