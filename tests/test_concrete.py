@@ -115,3 +115,35 @@ def test_concrete_adamerging_resume_in_either_stage(tiny_zoo_dir, tmp_path, monk
         a = load_file(str(tmp_path / "full" / "run" / name))
         b = load_file(str(tmp_path / "cut" / "run" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_concrete_adamerging_defaults_to_the_trusted_objective_in_both_stages(tiny_zoo_dir, tmp_path):
+    """Issue 23: the default objective is ``trusted_distill`` (the experts where confident, else the
+    starting merge) and its targets reach both stages: with ``confidence: 0`` every sample trusts
+    its expert, so the fit equals one on ``expert_distill`` to the bit; the papers' entropy is
+    one option away and drops the default's options."""
+    m = create_method("concrete_adamerging")
+    assert m.config().objective == "trusted_distill"
+    paper = m.config({"objective": "entropy"})
+    assert paper.objective == "entropy" and paper.objective_args == {}
+    assert create_method("concrete_ta").config().objective == "infomax"  # concrete_ta keeps the collapse-safe one
+    runs = {}
+    for name, objective in [("trusted", {"objective": "trusted_distill", "objective_args": {"confidence": 0.0}}),
+                            ("expert", {"objective": "expert_distill"})]:
+        options = {"steps": 5, "lr": 0.05, "method_args": {"adamerging_steps": 5}, **objective}
+        cfg = write_config(tmp_path / name, tiny_zoo_dir, method="concrete_adamerging", options=options)
+        assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+        runs[name] = tmp_path / name / "run"
+    for file in ("coefficients.safetensors", "method_state.safetensors"):
+        a, b = (load_file(str(runs[n] / file)) for n in ("trusted", "expert"))
+        if file == "method_state.safetensors":  # trusted_distill also keeps its anchor's logits (for a resume)
+            assert {k for k in a if k.startswith("start_logits.")} == {f"start_logits.task{i}" for i in range(3)}
+            a = {k: v for k, v in a.items() if not k.startswith("start_logits.")}
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), file
+    coef = load_file(str(runs["trusted"] / "coefficients.safetensors"))["coefficients"]
+    assert not torch.allclose(coef, torch.full_like(coef, 0.3))  # the AdaMerging stage moved λ
+    default = write_config(tmp_path / "default", tiny_zoo_dir, method="concrete_adamerging",
+                           options={"steps": 3, "lr": 0.05, "method_args": {"adamerging_steps": 3}})
+    assert main(["fit", "--config", str(default), "--no-progress"]) == 0
+    results = json.loads((tmp_path / "default" / "run" / "results.json").read_text())
+    assert results["options"]["objective"] == "trusted_distill"

@@ -422,12 +422,20 @@ class Method:
             from adamerge.train.objectives import needs_start
 
             targets = expert_logits(model, tv if experts is None else experts, heads, streams, cache_dir, say=say)
+            keep: dict = {}
             if needs_start(cfg.objective):
-                # the anchor: this fit's own starting merge (its initial coefficients), once
-                say(f"[expert targets] computing the starting merge's predictions for '{cfg.objective}'")
-                start = merged_logits(self.build(model, tv, cfg, seed=seed, state=state), heads, streams)
-                targets = {t: torch.stack([targets[t], start[t]], dim=1) for t in targets}
-            return TrainingData(streams, targets)
+                # the anchor: this fit's own starting merge (its initial coefficients), computed
+                # once and saved with the method state, so a run resumed in a later stage (whose
+                # state then holds, e.g., a frozen mask) keeps the anchor it started with
+                saved = {t: state[f"start_logits.{t}"] for t in targets if state and f"start_logits.{t}" in state}
+                if len(saved) == len(targets):
+                    start = saved
+                else:
+                    say(f"[expert targets] computing the starting merge's predictions for '{cfg.objective}'")
+                    start = merged_logits(self.build(model, tv, cfg, seed=seed, state=state), heads, streams)
+                    keep = {f"start_logits.{t}": start[t] for t in start}
+                targets = {t: torch.stack([targets[t], start[t].to(targets[t].dtype)], dim=1) for t in targets}
+            return TrainingData(streams, targets, state=keep)
         if kind == "labels":
             if not labeled:
                 raise InputError(f"objective '{cfg.objective}' needs labels: give a labeled split (config 'labeled:'); the scored streams are never trained on with labels")

@@ -29,10 +29,14 @@ from adamerge.solvers.base import parse_options
 
 
 TEMPERATURE = (1e-4, 1e4)
-# The default objective of both Concrete methods: information maximisation with a floor (the
-# library's recommended, collapse-safe objective). The papers' entropy (``objective: entropy``)
-# lets the element-wise mask collapse a task onto few classes on the demo zoo (docs/methods.md).
+# The default objective of concrete_ta: information maximisation with a floor (the library's
+# recommended, collapse-safe objective). The papers' entropy (``objective: entropy``) lets the
+# element-wise mask collapse a task onto few classes on the demo zoo (docs/methods.md).
 COLLAPSE_SAFE = {"objective": "infomax", "objective_args": {"floor": 0.9}}
+# concrete_adamerging's: the experts where they are confident, else the starting merge (issue 23:
+# the collapse-safe objective let its mask pull a weak task to its weak expert's level on the
+# seed-2 subset; chosen on the development settings, docs/results.md)
+TRUSTED = {"objective": "trusted_distill", "objective_args": {}}
 
 
 @dataclass
@@ -119,7 +123,7 @@ class ConcreteTA(_Concrete):
 @register_method("concrete_adamerging")
 class ConcreteAdaMerging(_Concrete):
     defaults = {"granularity": "layer", "init": 0.3, "constraint": "box", "bounds": (0.0, 1.0), "lr": 1e-3,
-                "steps": 2000, **COLLAPSE_SAFE, "solver": "bilevel"}
+                "steps": 2000, **TRUSTED, "solver": "bilevel"}
     description = "Concrete AdaMerging: bi-level mask learning, then AdaMerging on the frozen mask"
 
     def config(self, overrides: dict | None = None) -> MethodConfig:

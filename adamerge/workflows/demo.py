@@ -72,6 +72,9 @@ LEARNED |= {
     "concrete_ta": ("concrete_ta", {"lr": 1e-2}),
     "concrete_ta(paper)": ("concrete_ta", {"lr": 1e-2, "objective": "entropy"}),
     "concrete_adamerging(layer)": ("concrete_adamerging", {"lr": 1e-2}),
+    # concrete_adamerging's former default (issue 23): the collapse-safe objective
+    "concrete_adamerging(layer,infomax)": ("concrete_adamerging", {"lr": 1e-2, "objective": "infomax",
+                                                                   "objective_args": {"floor": 0.9}}),
     "concrete_adamerging(layer,paper)": ("concrete_adamerging", {"lr": 1e-2, "objective": "entropy"}),
 }
 # aTLAS (issue 10): test time (unlabeled, trusted pseudo-labels) and few-shot (k labeled images
