@@ -69,7 +69,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     # the default before session 34 (Adam's δ as the port leaves it)
     "doge(adam_delta)": ("doge", {"solver_args": _ADAM_DELTA}),
     # session 35: on sub2's rebuilt zoo the collapse-safe objective lets the mask pull textile down to
-    # its own expert's level (59.0; task arithmetic 74.0); an objective anchored at the start where the
+    # its own expert's level (59.0; task arithmetic 73.8); an objective anchored at the start where the
     # experts are unsure (the paper's entropy is the demo's row concrete_adamerging(layer,paper))
     "concrete_adamerging(layer,trusted_distill)": ("concrete_adamerging", {"lr": 1e-2, "objective": "trusted_distill"}),
 }
