@@ -154,3 +154,16 @@ def test_runs_recorded_before_the_option_are_the_same_run():
     assert same_run(before, now)
     trained = json.loads(json.dumps(m.settings(m.config({"lr": 0.01, "train_heads": True})), default=str))
     assert not same_run(before, trained)
+
+
+def test_a_cosine_schedule_scales_the_heads_group_too(tiny_zoo_dir, tmp_path):
+    """With ``solver_args.schedule: cosine`` both groups follow the schedule and keep their ratio
+    head_lr / lr (read from the last checkpoint's optimizer state)."""
+    options = {**OPTIONS, "steps": 10, "solver_args": {"schedule": "cosine"}}
+    cfg = write_config(tmp_path, tiny_zoo_dir, options=options, checkpoint_every=10)
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    groups = ckpt["optimizer_states"][0]["param_groups"]
+    assert [g.get("name") for g in groups] == [None, "heads"]
+    assert groups[0]["lr"] < OPTIONS["lr"]  # annealed
+    assert abs(groups[1]["lr"] / groups[0]["lr"] - OPTIONS["head_lr"] / OPTIONS["lr"]) < 1e-9

@@ -68,8 +68,8 @@ class GradientSolver(Solver):
         loss, opt = backward_and_step(module, batch, self, self.cfg.grad_clip)
         if self.args.schedule != "constant":
             lr = scheduled_lr(self.cfg.lr, module.global_step, module.trainer.max_steps, self.args.schedule)
-            for group, base in zip(opt.optimizer.param_groups, (self.cfg.lr, self.cfg.head_lr)):
-                group["lr"] = lr * base / self.cfg.lr  # every group on the same schedule
+            for group in opt.optimizer.param_groups:  # every group on the same schedule (heads: options.head_lr)
+                group["lr"] = lr * (self.cfg.head_lr / self.cfg.lr if group.get("name") == "heads" else 1.0)
             module.log_extra({"lr": lr})
         opt.step()
         return loss

@@ -325,3 +325,7 @@ class LinearHead(nn.Module):
                 delattr(head, name)
                 setattr(head, name, nn.Parameter(value))
         return head
+
+    def frozen(self) -> "LinearHead":
+        """A detached copy on the CPU with buffers again (a trained head, saved and scored)."""
+        return LinearHead(self.weight.detach().cpu(), None if self.bias is None else self.bias.detach().cpu(), self.normalize)

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning.pytorch.callbacks import ProgressBar
 from torch.utils.data import DataLoader
 
-from adamerge.train.data import LinearHead, StepBatch, StepBatches, TaskStream, images_layout, strong_view
+from adamerge.train.data import StepBatch, StepBatches, TaskStream, images_layout, strong_view
 from adamerge.errors import InputError, NonFiniteLossError
 from adamerge.train.evaluation import evaluate, reestimate_batches  # noqa: F401  (re-exported)
 from adamerge.core.merged import MergedModel
@@ -210,7 +210,7 @@ class MergeModule(L.LightningModule):
         heads = {id(p) for p in self.heads.parameters()}
         groups = [{"params": [p for p in self.trainable_parameters() if id(p) not in heads]}]
         if self.train_heads:
-            groups.append({"params": list(self.heads.parameters()), "lr": self.cfg.head_lr})
+            groups.append({"params": list(self.heads.parameters()), "lr": self.cfg.head_lr, "name": "heads"})
         return groups
 
     def task_losses(self, batch: StepBatch | Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -552,8 +552,7 @@ def run_plan(plan) -> dict:
             modules.append(module)
             steps_done += trainer.global_step
             if cfg.train_heads:
-                trained_heads = {t: LinearHead(h.weight.detach().cpu(), None if h.bias is None else h.bias.detach().cpu(),
-                                               h.normalize) for t, h in module.heads.items()}
+                trained_heads = {t: h.frozen() for t, h in module.heads.items()}
                 if rank_zero:  # before the stage is marked done: a resume of the next stage reads them
                     run.save_heads(trained_heads)
         # every rank goes on to the next stage (its DDP fit needs them all) with the same state:
