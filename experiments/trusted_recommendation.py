@@ -38,7 +38,8 @@ DEVELOPMENT = ("quick", "full0", "full1", "sub2")
 HELD_OUT = ("s3", "s4", "s5", "s6")
 # the recommendation before issue 24, the expert-guided objective, the trust-weighted one
 CANDIDATES = ["adamerging(layer,infomax,floor=0.9)", "adamerging(layer,expert_distill)", "adamerging(layer,trusted_distill)",
-              "adamerging(partition:4,trusted_distill)", "adamerging(partition:4,trusted_distill,heads)"]
+              "adamerging(partition:4,trusted_distill)", "adamerging(partition:4,trusted_distill,heads)",
+              "adamerging(partition:4,trusted_distill,unsure=mean)", "adamerging(partition:4,trusted_distill,unsure=mean,heads)"]
 
 
 def judge(folder: Path, row: str) -> dict | None:

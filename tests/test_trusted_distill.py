@@ -50,6 +50,75 @@ def test_trusted_distill_matches_a_hand_computation():
     assert averages_over_samples("trusted_distill")  # micro-batch chunks give the same step
 
 
+def test_the_unsure_targets_match_a_hand_computation():
+    """``unsure``: where the expert is unsure, the start (default), the expert all the same, the mean
+    of the two distributions, or the expert only where the start predicts its class (the others
+    count as zero in the mean over all samples)."""
+    gen = torch.Generator().manual_seed(1)
+    n, c = 12, 4
+    z = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    expert = torch.randn(n, c, generator=gen, dtype=torch.float64) * 2
+    expert[:4, 0] += 8.0  # four sure samples
+    start = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    start[4:8] = expert[4:8] + 0.3 * torch.randn(4, c, generator=gen, dtype=torch.float64)  # agree with the unsure expert
+    targets = torch.stack([expert, start], dim=1)
+    sure = [max(torch.softmax(expert[i], -1).tolist()) >= 0.9 for i in range(n)]
+    agree = [int(expert[i].argmax()) == int(start[i].argmax()) for i in range(n)]
+    assert 4 <= sum(sure) < n - 2 and sum(agree) > 4 and not all(agree)
+
+    def softmax(v):
+        e = [math.exp(x) for x in v]
+        return [x / sum(e) for x in e]
+
+    for unsure in ("start", "expert", "mean", "agree"):
+        hand = 0.0
+        for i in range(n):
+            if sure[i] or unsure == "expert":
+                hand += _kl(expert[i].tolist(), z[i].tolist(), 1.0)
+            elif unsure == "start":
+                hand += _kl(start[i].tolist(), z[i].tolist(), 1.0)
+            elif unsure == "mean":
+                q = [(a + b) / 2 for a, b in zip(softmax(expert[i].tolist()), softmax(start[i].tolist()))]
+                hand += _kl([math.log(v) for v in q], z[i].tolist(), 1.0)
+            elif agree[i]:
+                hand += _kl(expert[i].tolist(), z[i].tolist(), 1.0)
+        got = float(trusted_distill(z, targets=targets, unsure=unsure))
+        assert abs(got - hand / n) < 1e-5, unsure  # the objective computes in float32
+        # a mean over independent samples: two chunks weighted by their share give the whole batch's
+        halves = sum(float(trusted_distill(z[k], targets=targets[k], unsure=unsure)) * len(k) / n
+                     for k in (torch.arange(0, 5), torch.arange(5, n)))
+        assert abs(halves - got) < 1e-5, unsure
+    assert torch.allclose(trusted_distill(z, targets=targets, unsure="expert"), expert_distill(z, targets=expert))
+    # no sure sample and no agreement: no target, a zero loss with a zero gradient
+    zz = z.clone().requires_grad_(True)
+    lonely = torch.stack([torch.zeros(n, c, dtype=torch.float64), -F.one_hot(expert.argmax(-1), c).double() * 5 + 1], 1)
+    lonely[:, 0] += F.one_hot(expert.argmax(-1), c).double() * 0.1
+    loss = trusted_distill(zz, targets=lonely, unsure="agree")
+    assert float(loss) == 0.0 and float(torch.autograd.grad(loss, zz)[0].abs().sum()) == 0.0
+    with pytest.raises(InputError, match="unsure"):
+        trusted_distill(z, targets=targets, unsure="median")
+
+
+def test_a_weak_unsure_expert_weighs_less_than_a_good_one_under_every_fallback():
+    """The issue's toy case: a good expert (sure, right) and a bad one (unsure, wrong) over the same
+    samples, the start right but unsure. For every ``unsure`` choice but ``expert``, the bad expert
+    pulls the merge towards its wrong classes less than the good one pulls towards the right ones."""
+    n, c = 16, 3
+    truth = torch.randint(0, c, (n,), generator=torch.Generator().manual_seed(4))
+    wrong = (truth + 1) % c
+    good = 8.0 * F.one_hot(truth, c).float()
+    bad = 0.6 * F.one_hot(wrong, c).float()  # max probability about 0.48: unsure
+    start = 1.0 * F.one_hot(truth, c).float()
+    for unsure in ("start", "mean", "agree"):
+        z = torch.zeros(n, c, requires_grad=True)
+        g_good, = torch.autograd.grad(trusted_distill(z, targets=torch.stack([good, start], 1), unsure=unsure), z)
+        z = torch.zeros(n, c, requires_grad=True)
+        g_bad, = torch.autograd.grad(trusted_distill(z, targets=torch.stack([bad, start], 1), unsure=unsure), z)
+        pull_good = float(-g_good.gather(1, truth[:, None]).sum())  # descent raises the expert's class
+        pull_bad = float(-g_bad.gather(1, wrong[:, None]).sum())
+        assert pull_good > 0 and pull_bad < 0.5 * pull_good, unsure
+
+
 def test_trusted_distill_refuses_targets_without_the_anchor():
     z = torch.randn(3, 4)
     with pytest.raises(InputError, match=r"\[N, 2, C\]"):
@@ -120,8 +189,10 @@ def test_the_anchor_is_the_fits_own_start_and_a_short_fit_helps(tiny_zoo_dir, tm
     assert create_method("adamerging").uses_labels_with(create_method("adamerging").config({"objective": "trusted_distill"})) is False
 
 
-def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path):
-    """The scored streams' labels only score: replaced by garbage, the coefficients are the same."""
+@pytest.mark.parametrize("unsure", ["start", "mean", "agree"])
+def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path, unsure):
+    """The scored streams' labels only score: replaced by garbage, the coefficients are the same
+    (whatever the target where the expert is unsure)."""
     from safetensors.torch import load_file, save_file
 
     zoo = tmp_path / "garbage_zoo"
@@ -130,8 +201,8 @@ def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path):
         d = load_file(str(f))
         d["y"] = torch.randint(0, 1000, d["y"].shape, generator=torch.Generator().manual_seed(9)) % (int(d["y"].max()) + 1)
         save_file(d, str(f))
-    _, a = _fit(tmp_path / "clean", tiny_zoo_dir, steps=12)
-    _, b = _fit(tmp_path / "garbage", zoo, steps=12)
+    _, a = _fit(tmp_path / "clean", tiny_zoo_dir, steps=12, **{"options.objective_args": {"unsure": unsure}})
+    _, b = _fit(tmp_path / "garbage", zoo, steps=12, **{"options.objective_args": {"unsure": unsure}})
     ca = load_file(str(a / "coefficients.safetensors"))["coefficients"]
     cb = load_file(str(b / "coefficients.safetensors"))["coefficients"]
     assert torch.equal(ca, cb)
@@ -139,17 +210,18 @@ def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path):
     assert ra["after"]["mean"] != rb["after"]["mean"] or ra["before"]["mean"] != rb["before"]["mean"]  # labels did score
 
 
-def test_cached_experts_and_a_resume_give_the_same_coefficients(tiny_zoo_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("unsure", ["start", "mean", "agree"])
+def test_cached_experts_and_a_resume_give_the_same_coefficients(tiny_zoo_dir, tmp_path, monkeypatch, unsure):
     from safetensors.torch import load_file
 
-    _, run = _fit(tmp_path / "full", tiny_zoo_dir, steps=30)
+    _, run = _fit(tmp_path / "full", tiny_zoo_dir, steps=30, **{"options.objective_args": {"unsure": unsure}})
     assert list((run / "cache").glob("expert_logits-*.safetensors"))
     # the resumed run reads the experts from the cache: no expert forward; the anchor is recomputed
     monkeypatch.setattr(expert_targets, "compute_expert_logits",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     cut = write_config(tmp_path / "cut", tiny_zoo_dir, **{
         "options.objective": "trusted_distill", "options.steps": 30, "options.lr": 0.02, "checkpoint_every": 10,
-        "cache_dir": str(run / "cache")})
+        "options.objective_args": {"unsure": unsure}, "cache_dir": str(run / "cache")})
     crash_then_resume(cut, 17, monkeypatch)
     a = load_file(str(run / "coefficients.safetensors"))["coefficients"]
     b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]

@@ -21,6 +21,7 @@ from adamerge.errors import InputError
 from adamerge.core.merged import BUFFER_POLICIES, MergedModel
 from adamerge.registry import Registry, did_you_mean
 from adamerge.core.task_vectors import TaskVectors
+from adamerge.train.objectives import UNSURE
 
 CONSTRAINTS = ("none", "box", "simplex")
 
@@ -32,7 +33,8 @@ OBJECTIVE_RANGES: dict[str, dict[str, dict]] = {
     "infomax": {"diversity": {"low": 0}, "floor": {"low": 0, "high": 1}},
     # the logits are divided by the temperature (and the loss scaled by its square) in float32
     "expert_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1}},
-    "trusted_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1}},
+    "trusted_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1},
+                        "unsure": {"choices": UNSURE}},
     "weak_strong": {"confidence": {"low": 0, "high": 1}},
 }
 _FIXED_ARGUMENTS = ("logits", "labels", "targets")  # what the training loop passes, not options

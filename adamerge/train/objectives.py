@@ -118,6 +118,7 @@ def trusted_distill(
     confidence: float = 0.9,
     temperature: float = 1.0,
     hard: bool = False,
+    unsure: str = "start",
 ) -> Tensor:
     """``T² · mean_i KL(softmax(q_i/T) ‖ softmax(logits_i/T))`` with ``q_i`` the expert's logits
     where its confidence (max probability at temperature 1) is at least ``confidence``, else the
@@ -128,11 +129,30 @@ def trusted_distill(
         raise InputError("the trusted_distill objective needs [N, 2, C] targets: the expert's and the start's logits")
     if not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
         raise InputError(f"trusted_distill: confidence must be in [0, 1], got {confidence!r}")
+    if unsure not in UNSURE:
+        raise InputError(f"trusted_distill: unsure must be one of {list(UNSURE)}, got {unsure!r}")
     targets = targets.float().detach()
     expert, start = targets[:, 0], targets[:, 1]
     trusted = F.softmax(expert, dim=-1).amax(-1) >= confidence
+    if unsure == "agree":
+        # an unsure expert counts where the start predicts its class; elsewhere the sample gives no target
+        keep = trusted | (expert.argmax(-1) == start.argmax(-1))
+        if not bool(keep.any()):
+            return logits.float().sum() * 0.0
+        # a mean over all N samples (the dropped ones count as zero), so chunks still add up
+        return expert_distill(logits[keep], targets=expert[keep], temperature=temperature, hard=hard) * (keep.sum() / keep.numel())
+    if unsure == "mean":
+        both = torch.log((F.softmax(expert, dim=-1) + F.softmax(start, dim=-1)) / 2)
+        fallback = both
+    else:
+        fallback = start if unsure == "start" else expert
     # per sample, the trusted target; then the one distillation loss of the library
-    return expert_distill(logits, targets=torch.where(trusted[:, None], expert, start), temperature=temperature, hard=hard)
+    return expert_distill(logits, targets=torch.where(trusted[:, None], expert, fallback), temperature=temperature, hard=hard)
+
+
+UNSURE = ("start", "expert", "mean", "agree")
+"""``trusted_distill``'s target where the expert is unsure: the start's prediction, the expert's all
+the same, the mean of the two distributions, or the expert's only where the start agrees."""
 
 
 def weak_strong(logits: Tensor, labels: Tensor | None = None, targets: Tensor | None = None, confidence: float = 0.99) -> Tensor:

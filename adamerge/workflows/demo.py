@@ -106,6 +106,14 @@ LEARNED |= {
     # SyMerge's recipe (issue 24): the heads train with the coefficients on the same targets
     "adamerging(partition:4,trusted_distill,heads)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2,
                                                                      "objective": "trusted_distill", "train_heads": True}),
+    # session 36: where the expert is unsure, the mean of its distribution and the start's (neither
+    # prediction alone is the better one on every development setting)
+    "adamerging(partition:4,trusted_distill,unsure=mean)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2,
+                                                                           "objective": "trusted_distill",
+                                                                           "objective_args": {"unsure": "mean"}}),
+    "adamerging(partition:4,trusted_distill,unsure=mean,heads)": ("adamerging", {
+        "granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill", "objective_args": {"unsure": "mean"},
+        "train_heads": True}),
 }
 # test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
 # settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's
