@@ -26,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_systems import SETTINGS as _SEED_SETTINGS  # noqa: E402
 from seed_systems import TA, measured, run_settings  # noqa: E402
 
+from adamerge.workflows import demo  # noqa: E402
+
 
 # s5 was defined before any run of this script (issue 24 asks for one new held-out setting):
 # another seed, another image size, a 4-task subset with the weak textile task in it
@@ -40,6 +42,19 @@ HELD_OUT = ("s3", "s4", "s5", "s6")
 CANDIDATES = ["adamerging(layer,infomax,floor=0.9)", "adamerging(layer,expert_distill)", "adamerging(layer,trusted_distill)",
               "adamerging(partition:4,trusted_distill)", "adamerging(partition:4,trusted_distill,heads)",
               "adamerging(partition:4,trusted_distill,unsure=mean)", "adamerging(partition:4,trusted_distill,unsure=mean,heads)"]
+
+# session 36: the variants measured on the development settings while choosing the candidate's
+# target where the expert is unsure (quick and sub2 first: quick's experts are right where unsure,
+# sub2's textile expert is wrong); each is a demo row here, run with --variants
+_P4H = {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill", "train_heads": True}
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "adamerging(partition:4,trusted_distill,heads,steps=200)": ("adamerging", {**_P4H, "steps": 200}),
+    "adamerging(partition:16,trusted_distill,heads)": ("adamerging", {**_P4H, "granularity": "partition:16"}),
+    "adamerging(partition:4,trusted_distill,heads,confidence=0.7)": ("adamerging", {**_P4H, "objective_args": {"confidence": 0.7}}),
+    "adamerging(partition:4,trusted_distill,heads,head_lr=1e-2)": ("adamerging", {**_P4H, "head_lr": 1e-2}),
+    "adamerging(partition:4,expert_distill,heads)": ("adamerging", {**_P4H, "objective": "expert_distill"}),
+    "adamerging(partition:4,trusted_distill,unsure=agree,heads)": ("adamerging", {**_P4H, "objective_args": {"unsure": "agree"}}),
+}
 
 
 def judge(folder: Path, row: str) -> dict | None:
@@ -68,7 +83,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--summary-only", action="store_true")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--variants", action="store_true", help="make the session-36 variants demo rows (name them in --rows)")
     args = p.parse_args(argv)
+    if args.variants:
+        demo.LEARNED.update(VARIANTS)
     rows = args.rows.split(";")
     folders = run_settings(args.out, args.settings.split(","), rows, SETTINGS, args.cache_dir, args.summary_only)
     judged = [j for row in rows for f in folders if (j := judge(f, row)) is not None]
