@@ -460,8 +460,12 @@ def time_to_accuracy(args, work: Path, say) -> dict:
     Training time only on both sides (loading and evaluation not counted)."""
     from safetensors.torch import load_file
 
-    from adamerge.workflows.demo import LEARNED, RECOMMENDED
     from adamerge.train.evaluation import evaluate
+    # the recipe these timings were measured with (README, benchmarks/README.md): the recommendation
+    # until session 36, an entropy-style objective like the peer's (the later recommendation also
+    # reads the experts' predictions and trains the heads: another comparison)
+    from adamerge.workflows.demo import FORMER_RECOMMENDED as RECOMMENDED
+    from adamerge.workflows.demo import LEARNED
     from adamerge.zoo import create_backbone
 
     spec = _case_spec("demo_zoo", args, work)

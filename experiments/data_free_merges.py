@@ -9,7 +9,8 @@ other rows use options fixed before any score was seen (the merges' defaults). T
 - TALL masks: for the recommended learned merge and for task arithmetic λ = 0.3, every task's
   model is rebuilt from the merged checkpoint with its bit-packed mask (``adamerge.io.task_masks``)
   and scored on its own task, next to the expert; the mask file's bytes against the model's.
-- the recommended learned method (``RECOMMENDED`` in ``adamerge.workflows.demo``) fitted as is, with
+- the recommended learned method of the time (``FORMER_RECOMMENDED`` in ``adamerge.workflows.demo``, the
+  recommendation until session 36, with which docs/data_free_merges.md was measured) fitted as is, with
   ``preprocess`` = the best rewriting merge, and with ``init`` = LiNeS's depth profile.
 
     OMP_NUM_THREADS=1 python experiments/data_free_merges.py --out DIR --seeds 0 1   # heavy: ~30 min on 2 cores
@@ -26,7 +27,8 @@ import time
 from pathlib import Path
 
 from adamerge.train.data import LinearHead, stream_from_tensors
-from adamerge.workflows.demo import DEFAULT_TASKS, FULL, LEARNED, RECOMMENDED
+from adamerge.workflows.demo import DEFAULT_TASKS, FULL, LEARNED
+from adamerge.workflows.demo import FORMER_RECOMMENDED as RECOMMENDED
 from adamerge.io.files import atomic_save_safetensors, atomic_write_json
 from adamerge.merges import get_merge
 from adamerge.methods import create_method

@@ -153,14 +153,15 @@ def test_demo_writes_results_plots_and_export(demo_out):
 
 
 def test_recommended_beats_data_free_and_hurts_no_task(demo_out):
-    """The recommended row beats every classic data-free merge (weight average, task arithmetic,
-    TIES grids) and drops no task more than 5 points under task arithmetic λ = 0.3. DOGE is left
-    out of the first bar since session 34: with a clean δ it is a data-free row that scores
-    within noise of the recommendation on the quick zoo (78.5 against 78.2 on this machine's
-    build; README and docs/results.md say so), which issue 24's rule now has to reckon with."""
+    """The recommended row beats every data-free row (weight average, task arithmetic, TIES grids
+    and DOGE) and drops no task more than 5 points under task arithmetic λ = 0.3 (issue 24's rule
+    bar the share of the experts, which the protocol script judges). Between sessions 34 and 36
+    DOGE was left out of this bar: it scored within noise of the former recommendation on this zoo
+    (78.5 against 78.2); the recommendation since session 36 scores 83.2 there."""
     results = json.loads((demo_out / "results.json").read_text())
     methods = results["methods"]
-    best_data_free = max(r["mean"] for n, r in methods.items() if r["kind"] == "data_free" and n != "doge")
+    assert "doge" in methods and methods["doge"]["kind"] == "data_free"
+    best_data_free = max(r["mean"] for r in methods.values() if r["kind"] == "data_free")
     rec = methods[results["recommended"]]
     assert rec["mean"] > best_data_free
     ta = methods["task_arithmetic(lam=0.3)"]["per_task"]

@@ -25,6 +25,8 @@ with the fit's starting merge (e.g. task arithmetic λ = 0.3) as the anchor. A c
 trusted; where it is unsure the merge keeps what it predicted at the start instead of copying
 the expert's guess or sharpening its own (what entropy-style objectives do, and where they
 collapse a weak task). Its targets are ``[N, 2, C]``: the expert's and the start's logits.
+``unsure: mean`` (the demo's recommended row since session 36) puts the mean of the two
+distributions there instead: on the demo's settings neither guess alone is the better one.
 
 Self-training (no labels): ``weak_strong`` (aTLAS's test-time objective): cross-entropy of a strong
 augmented view against the weak view's confident pseudo-label.
@@ -122,7 +124,9 @@ def trusted_distill(
 ) -> Tensor:
     """``T² · mean_i KL(softmax(q_i/T) ‖ softmax(logits_i/T))`` with ``q_i`` the expert's logits
     where its confidence (max probability at temperature 1) is at least ``confidence``, else the
-    start's; ``hard``: cross-entropy against ``q_i``'s argmax instead. ``targets``: ``[N, 2, C]``,
+    start's (``unsure``: or the mean of the expert's and the start's distributions, the expert all
+    the same, or the expert only where the start predicts its class, see :data:`UNSURE`);
+    ``hard``: cross-entropy against ``q_i``'s argmax instead. ``targets``: ``[N, 2, C]``,
     ``[:, 0]`` the expert's logits, ``[:, 1]`` the start's. A mean over independent samples (the
     choice depends on each sample's own expert)."""
     if targets is None or targets.dim() != 3 or targets.shape[1] != 2:
@@ -141,9 +145,8 @@ def trusted_distill(
             return logits.float().sum() * 0.0
         # a mean over all N samples (the dropped ones count as zero), so chunks still add up
         return expert_distill(logits[keep], targets=expert[keep], temperature=temperature, hard=hard) * (keep.sum() / keep.numel())
-    if unsure == "mean":
-        both = torch.log((F.softmax(expert, dim=-1) + F.softmax(start, dim=-1)) / 2)
-        fallback = both
+    if unsure == "mean":  # the mixture of the two distributions, as logits
+        fallback = torch.log((F.softmax(expert, dim=-1) + F.softmax(start, dim=-1)) / 2)
     else:
         fallback = start if unsure == "start" else expert
     # per sample, the trusted target; then the one distillation loss of the library
