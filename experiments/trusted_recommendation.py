@@ -50,7 +50,7 @@ CANDIDATES = ["adamerging(layer,infomax,floor=0.9)", "adamerging(layer,expert_di
 # session 36: the variants measured on the development settings while choosing the candidate's
 # target where the expert is unsure (quick and sub2 first: quick's experts are right where unsure,
 # sub2's textile expert is wrong); each is a demo row here, run with --variants
-_P4H = {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill", "train_heads": True}
+_P4H = demo.LEARNED["adamerging(partition:4,trusted_distill,heads)"][1]
 VARIANTS: dict[str, tuple[str, dict]] = {
     "adamerging(partition:4,trusted_distill,heads,steps=200)": ("adamerging", {**_P4H, "steps": 200}),
     "adamerging(partition:16,trusted_distill,heads)": ("adamerging", {**_P4H, "granularity": "partition:16"}),

@@ -96,24 +96,20 @@ LEARNED |= {
 }
 # trust-weighted (issue 24): the expert where it is confident (max probability >= 0.9), else the
 # starting merge (task arithmetic λ = 0.3) as the anchor
+_TRUSTED = {"lr": 1e-2, "objective": "trusted_distill"}
+_P4_TRUSTED = {"granularity": "partition:4", **_TRUSTED}
 LEARNED |= {
-    "adamerging(layer,trusted_distill)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "trusted_distill"}),
-    "adamerging(partition:4,trusted_distill)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill"}),
-    "adamerging(layer,trusted_distill,hard)": ("adamerging", {"granularity": "layer", "lr": 1e-2, "objective": "trusted_distill",
-                                                              "objective_args": {"hard": True}}),
-    "adamerging(partition:4,trusted_distill,hard)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill",
-                                                                    "objective_args": {"hard": True}}),
+    "adamerging(layer,trusted_distill)": ("adamerging", {"granularity": "layer", **_TRUSTED}),
+    "adamerging(partition:4,trusted_distill)": ("adamerging", dict(_P4_TRUSTED)),
+    "adamerging(layer,trusted_distill,hard)": ("adamerging", {"granularity": "layer", **_TRUSTED, "objective_args": {"hard": True}}),
+    "adamerging(partition:4,trusted_distill,hard)": ("adamerging", {**_P4_TRUSTED, "objective_args": {"hard": True}}),
     # SyMerge's recipe (issue 24): the heads train with the coefficients on the same targets
-    "adamerging(partition:4,trusted_distill,heads)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2,
-                                                                     "objective": "trusted_distill", "train_heads": True}),
+    "adamerging(partition:4,trusted_distill,heads)": ("adamerging", {**_P4_TRUSTED, "train_heads": True}),
     # session 36: where the expert is unsure, the mean of its distribution and the start's (neither
     # prediction alone is the better one on every development setting)
-    "adamerging(partition:4,trusted_distill,unsure=mean)": ("adamerging", {"granularity": "partition:4", "lr": 1e-2,
-                                                                           "objective": "trusted_distill",
-                                                                           "objective_args": {"unsure": "mean"}}),
-    "adamerging(partition:4,trusted_distill,unsure=mean,heads)": ("adamerging", {
-        "granularity": "partition:4", "lr": 1e-2, "objective": "trusted_distill", "objective_args": {"unsure": "mean"},
-        "train_heads": True}),
+    "adamerging(partition:4,trusted_distill,unsure=mean)": ("adamerging", {**_P4_TRUSTED, "objective_args": {"unsure": "mean"}}),
+    "adamerging(partition:4,trusted_distill,unsure=mean,heads)": ("adamerging", {**_P4_TRUSTED, "objective_args": {"unsure": "mean"},
+                                                                                 "train_heads": True}),
 }
 # test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
 # settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's
