@@ -48,7 +48,8 @@ HELD_OUT = ("s3", "s4", "s5", "s6", "s7")
 # the recommendation before issue 24, the expert-guided objective, the trust-weighted one
 CANDIDATES = ["adamerging(layer,infomax,floor=0.9)", "adamerging(layer,expert_distill)", "adamerging(layer,trusted_distill)",
               "adamerging(partition:4,trusted_distill)", "adamerging(partition:4,trusted_distill,heads)",
-              "adamerging(partition:4,trusted_distill,unsure=mean)", "adamerging(partition:4,trusted_distill,unsure=mean,heads)"]
+              "adamerging(partition:4,trusted_distill,unsure=mean)", "adamerging(partition:4,trusted_distill,unsure=mean,heads)",
+              "adamerging(partition:4,trusted_distill,unsure=mean,start_views=9,heads)"]
 
 # session 36: the variants measured on the development settings while choosing the candidate's
 # target where the expert is unsure (quick and sub2 first: quick's experts are right where unsure,

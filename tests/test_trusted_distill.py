@@ -189,8 +189,11 @@ def test_the_anchor_is_the_fits_own_start_and_a_short_fit_helps(tiny_zoo_dir, tm
     assert create_method("adamerging").uses_labels_with(create_method("adamerging").config({"objective": "trusted_distill"})) is False
 
 
-@pytest.mark.parametrize("unsure", ["start", "mean", "agree"])
-def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path, unsure):
+ARGS = [{"unsure": "start"}, {"unsure": "mean"}, {"unsure": "agree"}, {"unsure": "mean", "start_views": 9}]
+
+
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
+def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path, args):
     """The scored streams' labels only score: replaced by garbage, the coefficients are the same
     (whatever the target where the expert is unsure)."""
     from safetensors.torch import load_file, save_file
@@ -201,8 +204,8 @@ def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path, unsure):
         d = load_file(str(f))
         d["y"] = torch.randint(0, 1000, d["y"].shape, generator=torch.Generator().manual_seed(9)) % (int(d["y"].max()) + 1)
         save_file(d, str(f))
-    _, a = _fit(tmp_path / "clean", tiny_zoo_dir, steps=12, **{"options.objective_args": {"unsure": unsure}})
-    _, b = _fit(tmp_path / "garbage", zoo, steps=12, **{"options.objective_args": {"unsure": unsure}})
+    _, a = _fit(tmp_path / "clean", tiny_zoo_dir, steps=12, **{"options.objective_args": args})
+    _, b = _fit(tmp_path / "garbage", zoo, steps=12, **{"options.objective_args": args})
     ca = load_file(str(a / "coefficients.safetensors"))["coefficients"]
     cb = load_file(str(b / "coefficients.safetensors"))["coefficients"]
     assert torch.equal(ca, cb)
@@ -210,19 +213,112 @@ def test_garbage_labels_leave_the_fit_unchanged(tiny_zoo_dir, tmp_path, unsure):
     assert ra["after"]["mean"] != rb["after"]["mean"] or ra["before"]["mean"] != rb["before"]["mean"]  # labels did score
 
 
-@pytest.mark.parametrize("unsure", ["start", "mean", "agree"])
-def test_cached_experts_and_a_resume_give_the_same_coefficients(tiny_zoo_dir, tmp_path, monkeypatch, unsure):
+@pytest.mark.parametrize("args", ARGS, ids=lambda a: "-".join(f"{k}={v}" for k, v in a.items()))
+def test_cached_experts_and_a_resume_give_the_same_coefficients(tiny_zoo_dir, tmp_path, monkeypatch, args):
     from safetensors.torch import load_file
 
-    _, run = _fit(tmp_path / "full", tiny_zoo_dir, steps=30, **{"options.objective_args": {"unsure": unsure}})
+    _, run = _fit(tmp_path / "full", tiny_zoo_dir, steps=30, **{"options.objective_args": args})
     assert list((run / "cache").glob("expert_logits-*.safetensors"))
     # the resumed run reads the experts from the cache: no expert forward; the anchor is recomputed
     monkeypatch.setattr(expert_targets, "compute_expert_logits",
                         lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     cut = write_config(tmp_path / "cut", tiny_zoo_dir, **{
         "options.objective": "trusted_distill", "options.steps": 30, "options.lr": 0.02, "checkpoint_every": 10,
-        "options.objective_args": {"unsure": unsure}, "cache_dir": str(run / "cache")})
+        "options.objective_args": args, "cache_dir": str(run / "cache")})
     crash_then_resume(cut, 17, monkeypatch)
     a = load_file(str(run / "coefficients.safetensors"))["coefficients"]
     b = load_file(str(tmp_path / "cut" / "run" / "coefficients.safetensors"))["coefficients"]
     assert torch.equal(a, b)
+
+
+def _hand_shift(x: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``x`` moved by (dx, dy) pixels by indexing: pixel (i, j) of the view is pixel
+    (i + dy, j + dx) of the image, clamped to its border."""
+    h, w = x.shape[-2:]
+    rows = (torch.arange(h) + dy).clamp(0, h - 1)
+    cols = (torch.arange(w) + dx).clamp(0, w - 1)
+    return x[..., rows[:, None], cols[None, :]]
+
+
+def test_shifted_views_match_a_hand_computation():
+    x = torch.randn(3, 2, 16, 12, generator=torch.Generator().manual_seed(4))
+    views = expert_targets.shifted_views(x, 9)
+    assert len(views) == 9 and torch.equal(views[0], x)
+    step = expert_targets.view_shift(16)
+    assert step == 2 and expert_targets.view_shift(224) == 7
+    for v, (dx, dy) in zip(views, expert_targets.SHIFTS):
+        assert v.shape == x.shape and torch.equal(v, _hand_shift(x, dx * step, dy * step)), (dx, dy)
+    assert expert_targets.shifted_views(x, 1) == [x]
+    with pytest.raises(InputError, match="views must be in"):
+        expert_targets.shifted_views(x, 10)
+    with pytest.raises(InputError, match=r"image batches \[B, C, H, W\]"):
+        expert_targets.shifted_views(torch.randint(0, 9, (3, 7)), 3)  # token ids: no images to shift
+
+
+def test_stream_logits_over_views_is_the_log_of_the_mean_distribution():
+    from adamerge.train.data import stream_from_tensors
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(6)).eval()
+    head = torch.nn.Linear(6, 3)
+    x = torch.randn(5, 1, 10, 10)
+    model(x)  # materialise the lazy layer
+    stream = stream_from_tensors("t", x)
+    got = expert_targets.stream_logits(model, head, stream, batch_size=2, views=5)
+    with torch.no_grad():
+        probs = [torch.softmax(head(model(_hand_shift(x, 2 * dx, 2 * dy))), -1) for dx, dy in expert_targets.SHIFTS[:5]]
+    assert torch.allclose(got, torch.log(torch.stack(probs).mean(0)), atol=1e-6)
+    assert torch.allclose(expert_targets.stream_logits(model, head, stream, views=1), head(model(x)).detach(), atol=1e-6)
+
+
+def test_the_anchor_over_shifted_views_is_the_start_averaged_by_hand(tiny_zoo_dir, tmp_path, monkeypatch):
+    """``start_views: 5``: the anchor is task arithmetic λ = 0.3's distribution averaged over five
+    shifted copies of each image (computed here by indexing), the expert's stays single-view."""
+    from safetensors.torch import load_file
+
+    from adamerge.config import build_all, load_config
+    from adamerge.zoo.tiny import tiny_vit
+
+    seen, experts_seen = {}, {}
+    real, real_expert = expert_targets.merged_logits, expert_targets.expert_logits
+
+    def spy(merged, heads, streams, **kw):
+        out = real(merged, heads, streams, **kw)
+        seen.update(out)
+        return out
+
+    def spy_expert(*a, **kw):
+        out = real_expert(*a, **kw)
+        experts_seen.update(out)
+        return out
+
+    monkeypatch.setattr(expert_targets, "merged_logits", spy)
+    monkeypatch.setattr(expert_targets, "expert_logits", spy_expert)
+    cfg, run = _fit(tmp_path, tiny_zoo_dir, steps=10, **{"options.objective_args": {"unsure": "mean", "start_views": 5}})
+    assert json.loads((run / "results.json").read_text())["uses_labels"] is False
+    parts = build_all(load_config(cfg))
+    base = load_file(str(tiny_zoo_dir / "base.safetensors"))
+    experts = [load_file(str(tiny_zoo_dir / "experts" / f"task{i}.safetensors")) for i in range(3)]
+    ta = tiny_vit()
+    ta.load_state_dict({k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) if base[k].is_floating_point() else base[k]
+                        for k in base})
+    ta.eval()
+    for i, s in enumerate(parts["streams"]):
+        x = s.inputs(torch.arange(len(s)))
+        with torch.no_grad():
+            probs = [torch.softmax(parts["heads"][s.name](ta(_hand_shift(x, 2 * dx, 2 * dy))), -1)
+                     for dx, dy in expert_targets.SHIFTS[:5]]
+            want = torch.log(torch.stack(probs).mean(0))
+            ex = tiny_vit()
+            ex.load_state_dict(experts[i])
+            expert_single = parts["heads"][s.name](ex.eval()(x))
+        assert torch.allclose(seen[s.name], want, atol=1e-4), s.name
+        assert torch.allclose(experts_seen[s.name], expert_single, atol=1e-4), s.name
+
+
+@pytest.mark.parametrize("bad", [0, 10, 2.5])
+def test_a_bad_start_views_is_refused_before_anything_is_written(tiny_zoo_dir, tmp_path, bad):
+    cfg = write_config(tmp_path, tiny_zoo_dir, **{"options.objective": "trusted_distill",
+                                                 "options.objective_args": {"start_views": bad}})
+    assert main(["fit", "--config", str(cfg), "--no-progress"]) != 0
+    assert not (tmp_path / "run").exists()

@@ -21,6 +21,7 @@ from adamerge.errors import InputError
 from adamerge.core.merged import BUFFER_POLICIES, MergedModel
 from adamerge.registry import Registry, did_you_mean
 from adamerge.core.task_vectors import TaskVectors
+from adamerge.train.expert_targets import SHIFTS
 from adamerge.train.objectives import UNSURE
 
 CONSTRAINTS = ("none", "box", "simplex")
@@ -34,7 +35,7 @@ OBJECTIVE_RANGES: dict[str, dict[str, dict]] = {
     # the logits are divided by the temperature (and the loss scaled by its square) in float32
     "expert_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1}},
     "trusted_distill": {"temperature": {"low": 1e-4, "high": 1e4}, "confidence": {"low": 0, "high": 1},
-                        "unsure": {"choices": UNSURE}},
+                        "unsure": {"choices": UNSURE}, "start_views": {"low": 1, "high": len(SHIFTS)}},
     "weak_strong": {"confidence": {"low": 0, "high": 1}},
 }
 _FIXED_ARGUMENTS = ("logits", "labels", "targets")  # what the training loop passes, not options
@@ -434,7 +435,8 @@ class Method:
                     start = saved
                 else:
                     say(f"[expert targets] computing the starting merge's predictions for '{cfg.objective}'")
-                    start = merged_logits(self.build(model, tv, cfg, seed=seed, state=state), heads, streams)
+                    views = cfg.objective_args.get("start_views", 1)
+                    start = merged_logits(self.build(model, tv, cfg, seed=seed, state=state), heads, streams, views=views)
                     keep = {f"start_logits.{t}": start[t] for t in start}
                 targets = {t: torch.stack([targets[t], start[t].to(targets[t].dtype)], dim=1) for t in targets}
             return TrainingData(streams, targets, state=keep)

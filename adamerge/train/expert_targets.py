@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from adamerge.errors import InputError
 from adamerge.train.data import TaskStream, images_layout
 from adamerge.io.files import atomic_save_safetensors, sha256_file
 from adamerge.core.task_vectors import TaskVectors
@@ -78,22 +79,56 @@ def compute_expert_logits(model: nn.Module, tv: TaskVectors, task: str | None, h
     return stream_logits(expert, head, stream, batch_size)
 
 
+SHIFTS = ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+"""The views of :func:`shifted_views`, in units of the shift: the image itself first, then the
+four one-step shifts along an axis, then the four diagonal ones."""
+
+
+def view_shift(size: int) -> int:
+    """Pixels per unit of :data:`SHIFTS` for images ``size`` pixels high: 2 up to 64 px (the demo's
+    images, where the shifted views were measured), then ``size / 32`` (7 at 224 px)."""
+    return max(2, round(size / 32))
+
+
+def shifted_views(x: Tensor, views: int) -> list[Tensor]:
+    """The first ``views`` of :data:`SHIFTS` of an image batch ``[B, C, H, W]``: each image moved
+    by whole pixels (:func:`view_shift`), its border pixels repeated into the gap, same shape."""
+    if not 1 <= views <= len(SHIFTS):
+        raise InputError(f"views must be in [1, {len(SHIFTS)}], got {views}")
+    if views == 1:
+        return [x]
+    if x.dim() != 4 or not x.is_floating_point():
+        raise InputError(f"shifted views need float image batches [B, C, H, W]; got {tuple(x.shape)} {x.dtype}")
+    h, w = x.shape[-2:]
+    step = view_shift(h)
+    pad = torch.nn.functional.pad(x, (step, step, step, step), mode="replicate")
+    return [pad[..., step + dy * step: step + dy * step + h, step + dx * step: step + dx * step + w]
+            for dx, dy in SHIFTS[:views]]
+
+
 @torch.no_grad()
-def stream_logits(model: nn.Module, head: nn.Module, stream: TaskStream, batch_size: int = 256) -> Tensor:
-    """``head(model(x))`` (float32) for every sample of the stream, in order, in batches."""
+def stream_logits(model: nn.Module, head: nn.Module, stream: TaskStream, batch_size: int = 256, views: int = 1) -> Tensor:
+    """``head(model(x))`` (float32) for every sample of the stream, in order, in batches. With
+    ``views > 1``, the log of the mean predictive distribution over that many shifted copies of
+    each image (:func:`shifted_views`): a prediction averaged over small translations."""
     out = []
     for lo in range(0, len(stream), batch_size):
         idx = torch.arange(lo, min(lo + batch_size, len(stream)))
-        out.append(head(model(images_layout(stream.inputs(idx), model))).float())
+        x = stream.inputs(idx)
+        if views == 1:
+            out.append(head(model(images_layout(x, model))).float())
+            continue
+        probs = [torch.softmax(head(model(images_layout(v, model))).float(), dim=-1) for v in shifted_views(x, views)]
+        out.append(torch.log(torch.stack(probs).mean(0)))
     return torch.cat(out)
 
 
 def merged_logits(merged: nn.Module, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],
-                  batch_size: int = 256) -> dict[str, Tensor]:
+                  batch_size: int = 256, views: int = 1) -> dict[str, Tensor]:
     """A merged model's logits ``[N, C]`` on every task's stream, in eval mode (the anchor of
-    ``trusted_distill``: the fit's starting merge)."""
+    ``trusted_distill``: the fit's starting merge), over ``views`` shifted copies of each image."""
     merged.eval()
-    return {s.name: stream_logits(merged, heads[s.name], s, batch_size) for s in streams}
+    return {s.name: stream_logits(merged, heads[s.name], s, batch_size, views) for s in streams}
 
 
 def expert_logits(model: nn.Module, tv: TaskVectors, heads: Mapping[str, nn.Module], streams: Sequence[TaskStream],

@@ -27,6 +27,8 @@ the expert's guess or sharpening its own (what entropy-style objectives do, and 
 collapse a weak task). Its targets are ``[N, 2, C]``: the expert's and the start's logits.
 ``unsure: mean`` (the demo's recommended row since session 36) puts the mean of the two
 distributions there instead: on the demo's settings neither guess alone is the better one.
+``start_views: K`` averages the start's prediction over K shifted copies of each image (the
+expert's stays single-view, so its confidence keeps the meaning the threshold was set for).
 
 Self-training (no labels): ``weak_strong`` (aTLAS's test-time objective): cross-entropy of a strong
 augmented view against the weak view's confident pseudo-label.
@@ -121,6 +123,7 @@ def trusted_distill(
     temperature: float = 1.0,
     hard: bool = False,
     unsure: str = "start",
+    start_views: int = 1,
 ) -> Tensor:
     """``T² · mean_i KL(softmax(q_i/T) ‖ softmax(logits_i/T))`` with ``q_i`` the expert's logits
     where its confidence (max probability at temperature 1) is at least ``confidence``, else the
@@ -128,13 +131,17 @@ def trusted_distill(
     the same, or the expert only where the start predicts its class, see :data:`UNSURE`);
     ``hard``: cross-entropy against ``q_i``'s argmax instead. ``targets``: ``[N, 2, C]``,
     ``[:, 0]`` the expert's logits, ``[:, 1]`` the start's. A mean over independent samples (the
-    choice depends on each sample's own expert)."""
+    choice depends on each sample's own expert). ``start_views``: the start's prediction is the
+    mean over that many shifted copies of each image; it is applied where the targets are computed
+    (:func:`adamerge.train.expert_targets.stream_logits`), so here it is only checked."""
     if targets is None or targets.dim() != 3 or targets.shape[1] != 2:
         raise InputError("the trusted_distill objective needs [N, 2, C] targets: the expert's and the start's logits")
     if not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
         raise InputError(f"trusted_distill: confidence must be in [0, 1], got {confidence!r}")
     if unsure not in UNSURE:
         raise InputError(f"trusted_distill: unsure must be one of {list(UNSURE)}, got {unsure!r}")
+    if not (isinstance(start_views, int) and start_views >= 1):
+        raise InputError(f"trusted_distill: start_views must be an integer >= 1, got {start_views!r}")
     targets = targets.float().detach()
     expert, start = targets[:, 0], targets[:, 1]
     trusted = F.softmax(expert, dim=-1).amax(-1) >= confidence

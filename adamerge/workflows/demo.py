@@ -110,6 +110,10 @@ LEARNED |= {
     "adamerging(partition:4,trusted_distill,unsure=mean)": ("adamerging", {**_P4_TRUSTED, "objective_args": {"unsure": "mean"}}),
     "adamerging(partition:4,trusted_distill,unsure=mean,heads)": ("adamerging", {**_P4_TRUSTED, "objective_args": {"unsure": "mean"},
                                                                                  "train_heads": True}),
+    # session 37: the start's prediction averaged over nine shifted copies of each image (the
+    # expert's stays single-view); chosen on the development settings' targets before any fit
+    "adamerging(partition:4,trusted_distill,unsure=mean,start_views=9,heads)": (
+        "adamerging", {**_P4_TRUSTED, "objective_args": {"unsure": "mean", "start_views": 9}, "train_heads": True}),
 }
 # test-time merging and merging over a pool (issue 11): T3 per input and per batch (no training;
 # settings fixed on the quick zoo, experiments/t3_settings.py); FW-Merging with the paper's
