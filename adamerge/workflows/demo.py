@@ -142,8 +142,9 @@ DATA_FREE_FIXED = {"lines(beta=0.5)": "lines", "fisher(lam=1)": "fisher"}
 # One fixed choice for every run, changed only by the recommendation protocol (defaults fixed on the
 # development settings, then run once on held-out ones; README, experiments/trusted_recommendation.py).
 # Since session 36 (issue 24): partition-wise coefficients and trained heads on the experts'
-# confident predictions, elsewhere the mean of the expert's and the start's distributions.
-RECOMMENDED = "adamerging(partition:4,trusted_distill,unsure=mean,heads)"
+# confident predictions, elsewhere the mean of the expert's and the start's distributions; since
+# session 37 the start's distribution averaged over nine shifted copies of each image.
+RECOMMENDED = "adamerging(partition:4,trusted_distill,unsure=mean,start_views=9,heads)"
 # the recommendation until session 36 (the collapse-safe entropy objective)
 FORMER_RECOMMENDED = "adamerging(layer,infomax,floor=0.9)"
 # ``--quick`` runs these rows only (the test suite runs it: under 3 minutes cold on 2 cores, zoo
