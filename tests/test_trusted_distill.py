@@ -154,6 +154,21 @@ def _fit(folder, zoo, steps=30, **changes):
     return cfg, folder / "run"
 
 
+def _hand_start(zoo):
+    """Task arithmetic λ = 0.3 (AdaMerging's init) over the tiny zoo's three experts, built by hand,
+    and the experts' state dicts."""
+    from safetensors.torch import load_file
+
+    from adamerge.zoo.tiny import tiny_vit
+
+    base = load_file(str(zoo / "base.safetensors"))
+    experts = [load_file(str(zoo / "experts" / f"task{i}.safetensors")) for i in range(3)]
+    ta = tiny_vit()
+    ta.load_state_dict({k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) if base[k].is_floating_point() else base[k]
+                        for k in base})
+    return ta.eval(), experts
+
+
 def test_the_anchor_is_the_fits_own_start_and_a_short_fit_helps(tiny_zoo_dir, tmp_path, monkeypatch):
     from adamerge.config import build_all, load_config
     from adamerge.methods import create_method
@@ -172,16 +187,7 @@ def test_the_anchor_is_the_fits_own_start_and_a_short_fit_helps(tiny_zoo_dir, tm
     assert results["uses_labels"] is False and results["after"]["mean"] >= results["before"]["mean"]
     # the anchor = task arithmetic at the method's init (AdaMerging's 0.3), computed by hand
     parts = build_all(load_config(cfg))
-    from safetensors.torch import load_file
-
-    from adamerge.zoo.tiny import tiny_vit
-
-    base = load_file(str(tiny_zoo_dir / "base.safetensors"))
-    experts = [load_file(str(tiny_zoo_dir / "experts" / f"task{i}.safetensors")) for i in range(3)]
-    ta = tiny_vit()
-    ta.load_state_dict({k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) if base[k].is_floating_point() else base[k]
-                        for k in base})
-    ta.eval()
+    ta, _ = _hand_start(tiny_zoo_dir)
     for s in parts["streams"]:
         with torch.no_grad():
             want = parts["heads"][s.name](ta(s.inputs(torch.arange(len(s)))))
@@ -274,8 +280,6 @@ def test_stream_logits_over_views_is_the_log_of_the_mean_distribution():
 def test_the_anchor_over_shifted_views_is_the_start_averaged_by_hand(tiny_zoo_dir, tmp_path, monkeypatch):
     """``start_views: 5``: the anchor is task arithmetic λ = 0.3's distribution averaged over five
     shifted copies of each image (computed here by indexing), the expert's stays single-view."""
-    from safetensors.torch import load_file
-
     from adamerge.config import build_all, load_config
     from adamerge.zoo.tiny import tiny_vit
 
@@ -297,12 +301,7 @@ def test_the_anchor_over_shifted_views_is_the_start_averaged_by_hand(tiny_zoo_di
     cfg, run = _fit(tmp_path, tiny_zoo_dir, steps=10, **{"options.objective_args": {"unsure": "mean", "start_views": 5}})
     assert json.loads((run / "results.json").read_text())["uses_labels"] is False
     parts = build_all(load_config(cfg))
-    base = load_file(str(tiny_zoo_dir / "base.safetensors"))
-    experts = [load_file(str(tiny_zoo_dir / "experts" / f"task{i}.safetensors")) for i in range(3)]
-    ta = tiny_vit()
-    ta.load_state_dict({k: base[k] + 0.3 * sum(e[k] - base[k] for e in experts) if base[k].is_floating_point() else base[k]
-                        for k in base})
-    ta.eval()
+    ta, experts = _hand_start(tiny_zoo_dir)
     for i, s in enumerate(parts["streams"]):
         x = s.inputs(torch.arange(len(s)))
         with torch.no_grad():
