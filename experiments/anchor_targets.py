@@ -104,7 +104,6 @@ def main() -> None:
     p.add_argument("--settings", default="quick,full0,full1,sub2")
     p.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache" / "adamerge")
     args = p.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     means: dict[str, dict[str, list[float]]] = {}
     for name in args.settings.split(","):
         tasks, zoo = _zoo(name, args.cache_dir)

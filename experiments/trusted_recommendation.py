@@ -2,15 +2,16 @@
 no task sacrificed? The recommendation protocol, unchanged: candidates' defaults fixed on the
 development settings (quick, full0, full1, sub2), then run once on the held-out ones: s3, s4 and
 s5, a setting defined (below) before any run of this script; s6, defined in session 32 before any
-run, is the held-out setting for the next candidate (s3 and s5 were looked at in diagnostics).
+run (s3 and s5 were looked at in diagnostics); s7, defined in session 37 before any run.
 
     python experiments/trusted_recommendation.py OUT --settings quick,full0,full1,sub2     # development
-    python experiments/trusted_recommendation.py OUT --settings s3,s4,s5,s6                # held out, once
-    python experiments/trusted_recommendation.py OUT --settings quick,full0,full1,sub2,s3,s4,s5,s6 --summary-only
+    python experiments/trusted_recommendation.py OUT --settings s3,s4,s5,s6,s7             # held out, once
+    python experiments/trusted_recommendation.py OUT --settings quick,full0,full1,sub2,s3,s4,s5,s6,s7 --summary-only
 
-Session 36's candidate, the recommendation since (``RECOMMENDED`` in adamerge/workflows/demo.py):
-``adamerging(partition:4,trusted_distill,unsure=mean,heads)``; ``--variants`` adds the variants
-measured on the development settings while choosing it (name them in ``--rows``).
+Session 37's candidate, the recommendation since (``RECOMMENDED`` in adamerge/workflows/demo.py):
+``adamerging(partition:4,trusted_distill,unsure=mean,start_views=9,heads)``; session 36's was the
+same without ``start_views``. ``--variants`` adds the variants measured on the development
+settings while choosing session 36's (name them in ``--rows``).
 
 Each setting is a demo output folder ``OUT/<setting>`` (finished rows are reused, so a rerun
 continues), with every data-free row (the best of them is a bar). The rule a candidate must hold

@@ -133,15 +133,14 @@ def trusted_distill(
     ``[:, 0]`` the expert's logits, ``[:, 1]`` the start's. A mean over independent samples (the
     choice depends on each sample's own expert). ``start_views``: the start's prediction is the
     mean over that many shifted copies of each image; it is applied where the targets are computed
-    (:func:`adamerge.train.expert_targets.stream_logits`), so here it is only checked."""
+    (:func:`adamerge.train.expert_targets.stream_logits`, which checks it; the config checks it
+    against ``OBJECTIVE_RANGES`` first), so the targets here already carry it."""
     if targets is None or targets.dim() != 3 or targets.shape[1] != 2:
         raise InputError("the trusted_distill objective needs [N, 2, C] targets: the expert's and the start's logits")
     if not (isinstance(confidence, (int, float)) and 0 <= confidence <= 1):
         raise InputError(f"trusted_distill: confidence must be in [0, 1], got {confidence!r}")
     if unsure not in UNSURE:
         raise InputError(f"trusted_distill: unsure must be one of {list(UNSURE)}, got {unsure!r}")
-    if not (isinstance(start_views, int) and start_views >= 1):
-        raise InputError(f"trusted_distill: start_views must be an integer >= 1, got {start_views!r}")
     targets = targets.float().detach()
     expert, start = targets[:, 0], targets[:, 1]
     trusted = F.softmax(expert, dim=-1).amax(-1) >= confidence
