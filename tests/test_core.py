@@ -276,6 +276,72 @@ def test_merge_tensor_matches_loop(monkeypatch, chunk):
         assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau64, base64), (weights,))
 
 
+@pytest.mark.parametrize("chunk", [0, 7], ids=["one-call", "blocks-of-7"])
+def test_merge_tensor_by_contiguous_segments_matches_the_hand_merge(monkeypatch, chunk):
+    """``partition:R``'s path: one coefficient per task and contiguous segment (segments of 6, 7
+    and 7 elements across blocks of 7: neither boundary aligned), against the per-element merge,
+    with a float64 gradient check."""
+    import adamerge.core.merged
+
+    monkeypatch.setattr(adamerge.core.merged, "CPU_CHUNK", chunk)
+    gen = torch.Generator().manual_seed(2)
+    tau = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
+    base = torch.randn(4, 5, dtype=torch.float64, generator=gen)
+    w = torch.randn(3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    sizes = (6, 7, 7)
+    per_element = w.detach().repeat_interleave(torch.tensor(sizes), dim=1).reshape(3, 4, 5)
+    assert torch.allclose(merge_tensor(w, tau, base, sizes), base + (per_element * tau).sum(0), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau, base, sizes), (w,))
+
+
+def test_merge_into_kept_memory_writes_the_same_values_in_place():
+    """``into``: the first call allocates and keeps its output, the next writes into that memory;
+    a kept tensor of another dtype or size is replaced, not written."""
+    gen = torch.Generator().manual_seed(3)
+    tau, base = torch.randn(3, 4, 5, generator=gen), torch.randn(4, 5, generator=gen)
+    into = [None]
+    first = merge_tensor(torch.ones(3), tau, base, None, into)
+    kept = into[0]
+    assert kept is not None and first.data_ptr() == kept.data_ptr()
+    second = merge_tensor(torch.full((3,), 0.5), tau, base, None, into)
+    assert into[0] is kept and second.data_ptr() == kept.data_ptr()
+    assert torch.allclose(second, base + 0.5 * tau.sum(0), atol=ATOL)
+    assert torch.allclose(first, second)  # the same memory: the first output is overwritten
+    other = [torch.empty(7)]
+    fresh = merge_tensor(torch.ones(3), tau, base, None, other)
+    assert other[0].numel() == 20 and fresh.data_ptr() == other[0].data_ptr()
+
+
+def test_reused_merged_parameters_are_equal_and_a_saved_overwritten_one_is_refused(make_zoo):
+    """``merged_parameters(reuse=True)`` gives the fresh merge's values in the previous call's
+    memory (whole-tensor and contiguous-partition coefficients); a backward through a graph that
+    saved an output overwritten since fails autograd's version check."""
+    model, base, experts = make_zoo("vit", 2)
+    tv = TaskVectors.from_state_dicts(base, experts)
+    for spec in ("layer", "partition:3"):
+        mm = MergedModel(model, tv, spec, init=0.3)
+        first = mm.merged_parameters(reuse=True)
+        ptrs = {k: v.data_ptr() for k, v in first.items()}
+        with torch.no_grad():
+            mm.coefficients.add_(0.1)
+        fresh = mm.merged_parameters()
+        again = mm.merged_parameters(reuse=True)
+        for k in fresh:
+            assert again[k].data_ptr() == ptrs[k] and torch.equal(again[k], fresh[k])
+        key = next(k for k in first if first[k].dim() == 2)
+        saved = (mm.merged_parameters(reuse=True)[key] ** 2).sum()  # pow saves its input
+        mm.merged_parameters(reuse=True)
+        with pytest.raises(RuntimeError, match="modified inplace"):
+            saved.backward()
+        held = mm.merged_parameters(reuse=True)[key]
+        before = held.clone()
+        mm.release_reused()  # the next reuse call allocates anew: what a caller kept stays as it was
+        with torch.no_grad():
+            mm.coefficients.add_(0.1)
+        assert not torch.equal(mm.merged_parameters(reuse=True)[key], before)
+        assert torch.equal(held, before)
+
+
 def test_blocked_merge_of_a_large_tensor_matches_float64():
     gen = torch.Generator().manual_seed(1)
     tau = torch.randn(4, 70_001, generator=gen)  # > 2 default CPU blocks, the last one partial

@@ -51,6 +51,43 @@ def test_micro_batch_gives_the_batched_loss_and_gradient(make_zoo, inputs, granu
     assert out[False][2].abs().max() > 1e-4  # a gradient that can disagree
 
 
+@pytest.mark.parametrize("granularity", ["layer", "partition:2"])
+def test_the_step_reuses_its_memory_and_two_losses_before_one_backward_stay_exact(make_zoo, granularity):
+    """The per-task step writes its merged weights into the previous step's memory and zeroes the
+    previous step's gradients instead of allocating; a second loss formed before the first's
+    backward gets gradients of its own (the first's are still to be read), so the backward of
+    their sum is the batched path's gradient of the sum."""
+    def batch(seed):
+        return {n: torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
+                for i, n in enumerate(tasks)}
+
+    out = {}
+    for micro in (False, True):
+        module, tasks = _module(make_zoo, micro, granularity, "entropy")
+        coef = module.merged.coefficients
+        grads = []
+        for step in range(2):  # two steps, the coefficients moved in between
+            loss, _ = module.batch_loss(batch(10 * step))
+            loss.backward()
+            grads.append(coef.grad.clone())
+            coef.grad = None
+            with torch.no_grad():
+                coef.add_(0.05)
+        kept = set(module._kept_grads)
+        first, _ = module.batch_loss(batch(100))
+        waiting = dict(module._kept_grads)  # taken by the first loss until its backward: none for the second
+        second, _ = module.batch_loss(batch(200))
+        (first + 2 * second).backward()
+        out[micro] = (grads, coef.grad.clone(), kept, waiting, set(module._kept_grads))
+    for a, b in zip(out[True][0], out[False][0]):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7) and b.abs().max() > 1e-4
+    assert torch.allclose(out[True][1], out[False][1], rtol=1e-4, atol=1e-7)
+    kept, waiting, after = out[True][2:]
+    assert kept and waiting == {} and after == kept
+    reused = module.merged.merged_parameters(reuse=True)
+    assert all(module.merged._reused[k][0].data_ptr() == v.data_ptr() for k, v in reused.items())
+
+
 def test_micro_batch_keeps_one_tasks_activations_alive(make_zoo):
     """Autograd saves tensors for the backward: the bytes of saved activations alive at once
     (tensors that are not the model's own weights and buffers) under each path: per task, one
@@ -125,7 +162,8 @@ def test_merged_gradients_are_allocated_before_the_first_forward_and_unreached_t
         monkeypatch.setattr(module, "task_losses", task_losses)
         apply = loop._InjectGradients.apply
         monkeypatch.setattr(loop._InjectGradients, "apply",
-                            lambda grads, *t, apply=apply, injected=injected: injected.append(len(t)) or apply(grads, *t))
+                            lambda grads, done, *t, apply=apply, injected=injected: injected.append(len(t))
+                            or apply(grads, done, *t))
         loss, _ = module.batch_loss(batch)
         loss.backward()
         monkeypatch.undo()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import warnings
 from collections.abc import Iterable, Mapping
 
@@ -51,22 +52,36 @@ def _is_float_tensor(x) -> bool:
 class _MergeTensor(torch.autograd.Function):
     """``base + Σ_t w[t] * τ[t]`` in ``w``'s dtype, saving only references.
 
-    ``w`` is ``[T]`` (one coefficient per task: ``addmv`` over τ, no temporary delta tensor,
-    blocked on the CPU, see :data:`CPU_CHUNK`) or broadcastable to ``τ`` (element coefficients,
-    masks). Autograd's own ops would keep a converted copy of a bfloat16 τ alive until the
-    backward; this converts on the fly in both passes instead. The base gets no gradient (it is
-    a frozen buffer).
+    ``w`` is ``[T]`` (one coefficient per task), ``[T, C]`` with ``sizes`` (one per task and
+    contiguous segment of the flattened tensor: ``partition:R``), or broadcastable to ``τ``
+    (element coefficients, masks). The first two are ``addmv`` over τ, segment by segment (no
+    temporary delta tensor, no ``[T, *shape]`` coefficient tensor; blocked on the CPU, see
+    :data:`CPU_CHUNK`). Autograd's own ops would keep a converted copy of a bfloat16 τ alive
+    until the backward; this converts on the fly in both passes instead. The base gets no
+    gradient (it is a frozen buffer). ``into`` (a one-element list, or ``None``): the segment
+    paths write into ``into[0]`` when it fits and leave their output there for the next call.
     """
 
     @staticmethod
-    def forward(ctx, weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(ctx, weights: Tensor, tau: Tensor, base: Tensor, sizes: tuple[int, ...] | None,  # type: ignore[override]
+                into: list | None) -> Tensor:
         ctx.save_for_backward(weights, tau)
+        ctx.sizes = sizes
         dtype = weights.dtype
-        if weights.dim() == 1:
+        if weights.dim() == 1 or sizes is not None:
             rows, flat = tau.reshape(tau.shape[0], -1), base.reshape(-1)
-            out = torch.empty(flat.shape, dtype=dtype, device=base.device)
-            for b in _blocks(flat.numel(), base.device):
-                torch.addmv(flat[b].to(dtype), rows[:, b].t().to(dtype), weights, out=out[b])
+            cols = weights.reshape(weights.shape[0], -1)
+            out = into[0] if into is not None else None
+            if out is None or out.dtype != dtype or out.device != base.device or out.numel() != flat.numel():
+                out = torch.empty(flat.shape, dtype=dtype, device=base.device)
+                if into is not None:
+                    into[0] = out
+            out = out.view(-1)
+            for c, seg in enumerate(_segments(sizes, flat.numel())):
+                w = cols[:, c]
+                for b in _blocks(seg.stop - seg.start, base.device):
+                    b = slice(seg.start + b.start, seg.start + b.stop)
+                    torch.addmv(flat[b].to(dtype), rows[:, b].t().to(dtype), w, out=out[b])
             return out.view(base.shape).to(base.dtype)
         return (base + (weights * tau.to(dtype)).sum(0)).to(base.dtype)
 
@@ -74,22 +89,35 @@ class _MergeTensor(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weights, tau = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:
-            return None, None, None
+            return None, None, None, None, None
         dtype = grad.dtype
-        if weights.dim() == 1:
+        if weights.dim() == 1 or ctx.sizes is not None:
             rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
-            blocks = _blocks(flat.numel(), grad.device)
-            out = rows[:, blocks[0]].to(dtype) @ flat[blocks[0]]
-            for b in blocks[1:]:
-                out.addmv_(rows[:, b].to(dtype), flat[b])
-            return out, None, None
-        return (tau.to(dtype) * grad).sum_to_size(weights.shape), None, None
+            segments = _segments(ctx.sizes, flat.numel())
+            out = torch.zeros(len(segments), weights.shape[0], dtype=dtype, device=grad.device)  # [C, T]
+            for c, seg in enumerate(segments):
+                for b in _blocks(seg.stop - seg.start, grad.device):
+                    b = slice(seg.start + b.start, seg.start + b.stop)
+                    out[c].addmv_(rows[:, b].to(dtype), flat[b])
+            return out.t().reshape(weights.shape), None, None, None, None
+        return (tau.to(dtype) * grad).sum_to_size(weights.shape), None, None, None, None
 
 
-def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor) -> Tensor:
+def _segments(sizes: tuple[int, ...] | None, n: int) -> list[slice]:
+    """The contiguous segments of a flattened tensor of ``n`` elements (one if ``sizes`` is ``None``)."""
+    if sizes is None:
+        return [slice(0, n)]
+    bounds = [0, *itertools.accumulate(sizes)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+
+
+def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor, sizes: tuple[int, ...] | None = None,
+                 into: list | None = None) -> Tensor:
     """``base + Σ_t weights[t] · tau[t]``, differentiable in ``weights`` only, computed in the
-    weights' dtype and returned in the base's (callers cast the weights with :func:`merge_dtype`)."""
-    return _MergeTensor.apply(weights, tau, base)
+    weights' dtype and returned in the base's (callers cast the weights with :func:`merge_dtype`).
+    ``weights`` ``[T, C]`` with ``sizes``: one coefficient per task and contiguous segment of
+    ``sizes[c]`` elements of the flattened tensor. ``into``: see :class:`_MergeTensor`."""
+    return _MergeTensor.apply(weights, tau, base, sizes, into)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -196,6 +224,7 @@ class MergedModel(nn.Module):
         self.coefficients = nn.Parameter(init_t)
         self._fixed: dict[str, Tensor] | None = None  # see fixed_parameters
         self._final: dict[str, Tensor] | None = None  # see gather_final()
+        self._reused: dict[str, list] = {}  # see merged_parameters(reuse=True)
 
     # ------------------------------------------------------------------ validation
     @staticmethod
@@ -277,11 +306,17 @@ class MergedModel(nn.Module):
     def _tensor(self, prefix: str, i: int) -> Tensor:
         return getattr(self, f"{prefix}{i}")
 
-    def merged_parameters(self, masks: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+    def merged_parameters(self, masks: Mapping[str, Tensor] | None = None, reuse: bool = False) -> dict[str, Tensor]:
         """θ0 + Σ_t λ_t ⊙ (m_t ⊙ τ_t) for every merged parameter (differentiable in λ and m).
 
         ``masks`` (default ``self.masks``) maps a parameter name to a mask of its shape (shared by
         the tasks) or ``[T, *shape]`` (one per task); unlisted parameters are unmasked.
+        ``reuse``: write each merged tensor into the memory the previous ``reuse`` call wrote
+        (kept by the model; tensors with whole-tensor or contiguous-partition coefficients and no
+        mask), instead of fresh memory, whose page faults cost about as much as the merge itself
+        on a CPU (``benchmarks/merge_alloc.py``). That call's outputs are overwritten: the caller
+        must no longer read them (a backward through a graph that saved one fails autograd's
+        version check instead of giving a wrong gradient).
         """
         masks = self.masks if masks is None else masks
         if self._final is not None:
@@ -297,20 +332,24 @@ class MergedModel(nn.Module):
         chunks = self.grouping.chunks
         for i, key in enumerate(self.merge_keys):
             base, tau = self._tensor("_base", i), self._tensor("_tau", i)
-            if key in chunks:
-                weights = chunks[key].expand(coef).reshape(tau.shape[0], *tau.shape[1:])
-            else:
-                weights = coef[:, self.grouping.tensor_group[key]]
             mask = masks.get(key) if masks else None
             if key in learned:
                 mask = learned[key] if mask is None else mask.to(tau.device) * learned[key]
+            chunk, sizes = chunks.get(key), None
+            if chunk is not None and (chunk.perm is not None or mask is not None):
+                weights = chunk.expand(coef).reshape(tau.shape[0], *tau.shape[1:])  # per element
+            elif chunk is not None:  # contiguous segments: one coefficient column each
+                weights, sizes = coef[:, chunk.first : chunk.first + chunk.count], tuple(chunk.sizes)
+            else:
+                weights = coef[:, self.grouping.tensor_group[key]]
             if mask is not None:
                 if weights.dim() == 1:
                     weights = weights.reshape(-1, *([1] * (tau.dim() - 1)))
                 weights = weights * mask.to(tau.device)
+            into = self._reused.setdefault(key, [None]) if reuse else None
             # the merge's arithmetic follows the model (float64 stays float64; a bfloat16 base or
             # τ is merged in float32 and returned in the base's dtype); autograd casts the gradient back
-            out[key] = merge_tensor(weights.to(merge_dtype(base.dtype)), tau, base)
+            out[key] = merge_tensor(weights.to(merge_dtype(base.dtype)), tau, base, sizes, into)
         return out
 
     # ------------------------------------------------------------------ sharding (trainer.strategy: shard)
@@ -375,8 +414,13 @@ class MergedModel(nn.Module):
         """Drop the copy :meth:`gather_final` kept: the model merges from its shard again."""
         self._final = None
 
+    def release_reused(self) -> None:
+        """Drop the memory ``merged_parameters(reuse=True)`` keeps between calls (one model size)."""
+        self._reused = {}
+
     def _apply(self, fn, recurse: bool = True):
         super()._apply(fn, recurse)
+        self._reused = {}  # written for the former device or dtype
         if self._shard is not None:  # the shard is not a registered buffer (DDP would broadcast it)
             self._shard.base, self._shard.tau = fn(self._shard.base), fn(self._shard.tau)
         if self._final is not None:

@@ -42,26 +42,32 @@ class _InjectGradients(torch.autograd.Function):
     model-sized temporaries of the product and its backward)."""
 
     @staticmethod
-    def forward(ctx, grads, *tensors):  # type: ignore[override]
-        ctx.grads = grads
+    def forward(ctx, grads, done, *tensors):  # type: ignore[override]
+        ctx.grads, ctx.done = grads, done
         return tensors[0].new_zeros(())
 
     @staticmethod
     def backward(ctx, upstream):  # type: ignore[override]
         grads, ctx.grads = ctx.grads, None
         scale = None if float(upstream) == 1.0 else upstream
-        return (None, *(g if scale is None else g * scale.to(g.dtype) for g in grads))
+        out = (None, None, *(g if scale is None else g * scale.to(g.dtype) for g in grads))
+        ctx.done()  # the gradients are read: the next step may write into them again
+        return out
 
 
-def _zero_gradients(leaves: Mapping[str, Tensor], reached: set[str]) -> None:
+def _zero_gradients(leaves: Mapping[str, Tensor], reached: set[str], kept: Mapping[str, Tensor]) -> None:
     """Give every leaf a zero gradient before the first forward: the per-task backwards then add
     into it in place (0 + g is g: the same values), and the gradients sit in memory taken before
     any activation, instead of being allocated inside the first task's freed activations, where
     they split the free space every later task's forward would reuse (measured: −31 MiB peak on
-    the small ViT of ``benchmarks/vs_fusionbench.py``). ``reached`` collects the leaves a backward
-    reached (those with a gradient), as ``grad is not None`` did."""
+    the small ViT of ``benchmarks/vs_fusionbench.py``). ``kept``: the previous step's gradients,
+    zeroed and used again where they fit (``zero_`` of kept memory against ``zeros_like``: 0.015
+    against 0.08-0.13 s at ViT-B-32, ``benchmarks/merge_alloc.py``). ``reached`` collects the
+    leaves a backward reached (those with a gradient), as ``grad is not None`` did."""
     for k, v in leaves.items():
-        v.grad = torch.zeros_like(v)
+        old = kept.get(k)
+        fits = old is not None and old.shape == v.shape and old.dtype == v.dtype and old.device == v.device
+        v.grad = old.zero_() if fits else torch.zeros_like(v)
         v.register_post_accumulate_grad_hook(lambda _, k=k: reached.add(k))
 
 
@@ -159,6 +165,7 @@ class MergeModule(L.LightningModule):
         self.start_parameters: dict[str, Tensor] | None = None
         self._start_raw: Tensor | None = None
         self.chunking: dict | None = None  # options.micro_batch: auto, measured at the first step
+        self._kept_grads: dict[str, Tensor] = {}  # the per-task step's gradients, zeroed and used again
 
     def setup(self, stage: str) -> None:
         """``trainer.strategy: shard``: once the processes are connected, and before the module is
@@ -180,6 +187,8 @@ class MergeModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         merged = self.merged
+        self._kept_grads = {}  # two model sizes kept between steps, no longer needed
+        merged.release_reused()
         if not merged.is_sharded:
             return
         # every rank takes part in the gathers; rank 0 then evaluates on its own
@@ -282,12 +291,16 @@ class MergeModule(L.LightningModule):
         through the merge once. Without gradients (a line search's evaluations)
         it is the plain per-chunk forward."""
         inputs, index = (batch.inputs, batch.index) if isinstance(batch, StepBatch) else (batch, None)
-        theta = self.merged.merged_parameters()
+        # the merge writes into the previous call's merged weights: nothing reads them after that
+        # call returned (its chunks' graphs are gone; the carrier holds their gradients, not them)
+        theta = self.merged.merged_parameters(reuse=True)
         grad = torch.is_grad_enabled()
         leaves = {k: v.detach().requires_grad_(grad) for k, v in theta.items()}
         reached: set[str] = set()
         if grad:
-            _zero_gradients(leaves, reached)
+            # the previous step's gradients, unless a loss holding them still waits for its backward
+            kept, self._kept_grads = self._kept_grads, {}
+            _zero_gradients(leaves, reached, kept)
         values: dict[str, Tensor] = {}
         with self.merged.fixed_parameters(leaves):
             for n, x in inputs.items():
@@ -315,7 +328,12 @@ class MergeModule(L.LightningModule):
         if not grad:
             return values
         keys = [k for k in theta if k in reached]
-        carrier = _InjectGradients.apply([leaves[k].grad for k in keys], *[theta[k] for k in keys])
+        grads = {k: v.grad for k, v in leaves.items()}
+
+        def done() -> None:
+            self._kept_grads = grads
+
+        carrier = _InjectGradients.apply([grads[k] for k in keys], done, *[theta[k] for k in keys])
         # each task's exact value; the first entry also carries the whole gradient (value + 0)
         first = next(iter(values))
         return {n: v + carrier.to(v.dtype) if n == first else v for n, v in values.items()}
