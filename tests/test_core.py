@@ -277,11 +277,14 @@ def test_merge_tensor_matches_loop(monkeypatch, chunk):
 
 
 @pytest.mark.parametrize("chunk", [0, 7], ids=["one-call", "blocks-of-7"])
-def test_merge_tensor_by_contiguous_segments_matches_the_hand_merge(monkeypatch, chunk):
-    """``partition:R``'s path: one coefficient per task and contiguous segment (segments of 6, 7
-    and 7 elements across blocks of 7: neither boundary aligned), against the per-element merge,
-    with a float64 gradient check."""
+@pytest.mark.parametrize("scattered", [False, True], ids=["contiguous", "scattered"])
+def test_merge_tensor_by_segments_matches_the_hand_merge(monkeypatch, chunk, scattered):
+    """``partition:R``'s path (contiguous segments) and ``partition:R:random``'s and ``:atlas``'s
+    (segments scattered by a permutation): one coefficient per task and segment (segments of 6, 7
+    and 7 elements across blocks of 7: no boundary aligned), against the per-element merge of
+    ``Chunks.expand``, with a float64 gradient check."""
     import adamerge.core.merged
+    from adamerge.core.granularity import Chunks
 
     monkeypatch.setattr(adamerge.core.merged, "CPU_CHUNK", chunk)
     gen = torch.Generator().manual_seed(2)
@@ -289,9 +292,11 @@ def test_merge_tensor_by_contiguous_segments_matches_the_hand_merge(monkeypatch,
     base = torch.randn(4, 5, dtype=torch.float64, generator=gen)
     w = torch.randn(3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
     sizes = (6, 7, 7)
-    per_element = w.detach().repeat_interleave(torch.tensor(sizes), dim=1).reshape(3, 4, 5)
-    assert torch.allclose(merge_tensor(w, tau, base, sizes), base + (per_element * tau).sum(0), atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau, base, sizes), (w,))
+    perm = torch.randperm(20, generator=gen).to(torch.int32) if scattered else None
+    per_element = Chunks(0, 3, list(sizes), perm).expand(w.detach()).reshape(3, 4, 5)
+    merged = merge_tensor(w, tau, base, sizes, None, perm)
+    assert torch.allclose(merged, base + (per_element * tau).sum(0), atol=1e-12)
+    assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau, base, sizes, None, perm), (w,))
 
 
 def test_merge_into_kept_memory_writes_the_same_values_in_place():

@@ -53,10 +53,11 @@ class _MergeTensor(torch.autograd.Function):
     """``base + Σ_t w[t] * τ[t]`` in ``w``'s dtype, saving only references.
 
     ``w`` is ``[T]`` (one coefficient per task), ``[T, C]`` with ``sizes`` (one per task and
-    contiguous segment of the flattened tensor: ``partition:R``), or broadcastable to ``τ``
-    (element coefficients, masks). The first two are ``addmv`` over τ, segment by segment (no
-    temporary delta tensor, no ``[T, *shape]`` coefficient tensor; blocked on the CPU, see
-    :data:`CPU_CHUNK`). Autograd's own ops would keep a converted copy of a bfloat16 τ alive
+    contiguous segment of the flattened tensor: ``partition:R``; with ``perm``, element ``e``
+    belongs to the segment holding position ``perm[e]``: ``partition:R:random`` and ``:atlas``),
+    or broadcastable to ``τ`` (element coefficients, masks). The first two are ``addmv`` over τ,
+    segment by segment, the third gathers each block's coefficients (no temporary delta tensor,
+    no ``[T, *shape]`` coefficient tensor; blocked on the CPU, see :data:`CPU_CHUNK`). Autograd's own ops would keep a converted copy of a bfloat16 τ alive
     until the backward; this converts on the fly in both passes instead. The base gets no
     gradient (it is a frozen buffer). ``into`` (a one-element list, or ``None``): the segment
     paths write into ``into[0]`` when it fits and leave their output there for the next call.
@@ -64,9 +65,9 @@ class _MergeTensor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weights: Tensor, tau: Tensor, base: Tensor, sizes: tuple[int, ...] | None,  # type: ignore[override]
-                into: list | None) -> Tensor:
+                into: list | None, perm: Tensor | None = None) -> Tensor:
         ctx.save_for_backward(weights, tau)
-        ctx.sizes = sizes
+        ctx.sizes, ctx.perm = sizes, perm
         dtype = weights.dtype
         if weights.dim() == 1 or sizes is not None:
             rows, flat = tau.reshape(tau.shape[0], -1), base.reshape(-1)
@@ -77,6 +78,10 @@ class _MergeTensor(torch.autograd.Function):
                 if into is not None:
                     into[0] = out
             out = out.view(-1)
+            if perm is not None:  # scattered segments: each block gathers its elements' coefficients
+                for b, label in _labelled_blocks(perm, sizes, base.device):
+                    torch.add(flat[b].to(dtype), (cols[:, label] * rows[:, b].to(dtype)).sum(0), out=out[b])
+                return out.view(base.shape).to(base.dtype)
             for c, seg in enumerate(_segments(sizes, flat.numel())):
                 w = cols[:, c]
                 for b in _blocks(seg.stop - seg.start, base.device):
@@ -88,9 +93,16 @@ class _MergeTensor(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         weights, tau = ctx.saved_tensors
+        none = (None,) * 5
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, *none
         dtype = grad.dtype
+        if ctx.perm is not None:
+            rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
+            out = torch.zeros_like(weights, dtype=dtype)  # [T, C]
+            for b, label in _labelled_blocks(ctx.perm, ctx.sizes, grad.device):
+                out.index_add_(1, label, rows[:, b].to(dtype) * flat[b])
+            return out, *none
         if weights.dim() == 1 or ctx.sizes is not None:
             rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
             segments = _segments(ctx.sizes, flat.numel())
@@ -99,8 +111,8 @@ class _MergeTensor(torch.autograd.Function):
                 for b in _blocks(seg.stop - seg.start, grad.device):
                     b = slice(seg.start + b.start, seg.start + b.stop)
                     out[c].addmv_(rows[:, b].to(dtype), flat[b])
-            return out.t().reshape(weights.shape), None, None, None, None
-        return (tau.to(dtype) * grad).sum_to_size(weights.shape), None, None, None, None
+            return out.t().reshape(weights.shape), *none
+        return (tau.to(dtype) * grad).sum_to_size(weights.shape), *none
 
 
 def _segments(sizes: tuple[int, ...] | None, n: int) -> list[slice]:
@@ -111,13 +123,23 @@ def _segments(sizes: tuple[int, ...] | None, n: int) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
+def _labelled_blocks(perm: Tensor, sizes: tuple[int, ...], device: torch.device):
+    """``(block, segment of each of its elements)`` over a flattened tensor whose element ``e``
+    sits at position ``perm[e]`` of the segments' order (labels computed per block: nothing
+    model-sized is kept for them)."""
+    ends = torch.tensor(list(itertools.accumulate(sizes)), device=device)
+    for b in _blocks(perm.numel(), device):
+        yield b, torch.searchsorted(ends, perm[b].to(device, torch.long), right=True)
+
+
 def merge_tensor(weights: Tensor, tau: Tensor, base: Tensor, sizes: tuple[int, ...] | None = None,
-                 into: list | None = None) -> Tensor:
+                 into: list | None = None, perm: Tensor | None = None) -> Tensor:
     """``base + Σ_t weights[t] · tau[t]``, differentiable in ``weights`` only, computed in the
     weights' dtype and returned in the base's (callers cast the weights with :func:`merge_dtype`).
-    ``weights`` ``[T, C]`` with ``sizes``: one coefficient per task and contiguous segment of
-    ``sizes[c]`` elements of the flattened tensor. ``into``: see :class:`_MergeTensor`."""
-    return _MergeTensor.apply(weights, tau, base, sizes, into)
+    ``weights`` ``[T, C]`` with ``sizes``: one coefficient per task and segment of ``sizes[c]``
+    elements of the flattened tensor, contiguous, or scattered by ``perm`` (element → position
+    in the segments' order). ``into``: see :class:`_MergeTensor`."""
+    return _MergeTensor.apply(weights, tau, base, sizes, into, perm)
 
 
 def tied_aliases(model: nn.Module) -> dict[str, str]:
@@ -335,11 +357,11 @@ class MergedModel(nn.Module):
             mask = masks.get(key) if masks else None
             if key in learned:
                 mask = learned[key] if mask is None else mask.to(tau.device) * learned[key]
-            chunk, sizes = chunks.get(key), None
-            if chunk is not None and (chunk.perm is not None or mask is not None):
+            chunk, sizes, perm = chunks.get(key), None, None
+            if chunk is not None and mask is not None:
                 weights = chunk.expand(coef).reshape(tau.shape[0], *tau.shape[1:])  # per element
-            elif chunk is not None:  # contiguous segments: one coefficient column each
-                weights, sizes = coef[:, chunk.first : chunk.first + chunk.count], tuple(chunk.sizes)
+            elif chunk is not None:  # segments, contiguous or scattered: one coefficient column each
+                weights, sizes, perm = coef[:, chunk.first : chunk.first + chunk.count], tuple(chunk.sizes), chunk.perm
             else:
                 weights = coef[:, self.grouping.tensor_group[key]]
             if mask is not None:
@@ -349,7 +371,7 @@ class MergedModel(nn.Module):
             into = self._reused.setdefault(key, [None]) if reuse else None
             # the merge's arithmetic follows the model (float64 stays float64; a bfloat16 base or
             # τ is merged in float32 and returned in the base's dtype); autograd casts the gradient back
-            out[key] = merge_tensor(weights.to(merge_dtype(base.dtype)), tau, base, sizes, into)
+            out[key] = merge_tensor(weights.to(merge_dtype(base.dtype)), tau, base, sizes, into, perm)
         return out
 
     # ------------------------------------------------------------------ sharding (trainer.strategy: shard)
