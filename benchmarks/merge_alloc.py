@@ -2,7 +2,8 @@
 before (issue 25: where the per-step overhead that the merge's own arithmetic does not explain
 may come from). ViT-B-32's visual tower (random weights, nothing downloaded), T = 8 float32 task
 vectors of 0.01 · N(0, 1), every floating tensor merged as :class:`adamerge.core.merged.MergedModel`
-does (``merge_tensor``, blocked ``addmv``); five timed calls of each, twice, medians printed.
+does (``merge_tensor``, blocked ``addmv``; reused: its ``into``, what the training step passes
+since session 38); five timed calls of each, twice, medians printed.
 Also the per-step zero gradients (``zeros_like`` against ``zero_`` of kept tensors).
 
     python benchmarks/merge_alloc.py --threads 2
@@ -35,18 +36,14 @@ def main() -> None:
     params = {k: v.detach() for k, v in model.state_dict().items() if v.is_floating_point()}
     taus = {k: 0.01 * torch.randn((args.tasks, *v.shape), generator=gen) for k, v in params.items()}
     w = torch.full((args.tasks,), 0.3)
-    kept = {k: torch.empty_like(v) for k, v in params.items()}
+    kept = {k: [None] for k in params}  # merge_tensor's ``into``: allocated by the first call, then reused
     grads = {k: torch.empty_like(v) for k, v in params.items()}
 
     def fresh():
         return {k: merged.merge_tensor(w, taus[k], params[k]) for k in params}
 
     def reuse():
-        for k in params:
-            rows, flat, out = taus[k].reshape(args.tasks, -1), params[k].reshape(-1), kept[k].reshape(-1)
-            for b in merged._blocks(flat.numel(), flat.device):
-                torch.addmv(flat[b], rows[:, b].t(), w, out=out[b])
-        return kept
+        return {k: merged.merge_tensor(w, taus[k], params[k], None, kept[k]) for k in params}
 
     def zeros_like():
         return {k: torch.zeros_like(v) for k, v in params.items()}

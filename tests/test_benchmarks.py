@@ -29,6 +29,20 @@ def test_merge_overhead_runs_on_the_tiny_model(tmp_path, capsys, per_task):
 
 
 
+def test_merge_granularity_benchmark_runs_on_the_tiny_model(tmp_path, capsys):
+    main = runpy.run_path(str(SCRIPT.with_name("merge_granularity.py")))["main"]
+    out = tmp_path / "rows.json"
+    main(["--model", "tiny", "--tasks", "2", "--repeats", "2", "--threads", "1",
+          "--granularities", "layer,partition:3:random", "--json", str(out)])
+    rows = json.loads(out.read_text())
+    assert [r["granularity"] for r in rows] == ["layer", "partition:3:random"]
+    assert rows[1]["groups"] > rows[0]["groups"] > 1
+    for r in rows:
+        assert 0 < r["seconds_min"] <= r["seconds"] <= r["seconds_max"] and r["repeats"] == 2
+        assert r["peak_rss_mb"] >= r["held_rss_mb"] > 0
+    assert "partition:3:random" in capsys.readouterr().out
+
+
 def test_pool_memory_benchmark_runs_and_the_pool_holds_one_tensor_at_a_time(tmp_path, capsys):
     main = runpy.run_path(str(SCRIPT.parent / "pool_memory.py"))["main"]
     rows = main(["--sizes", "2,3", "--no-naive", "--json", str(tmp_path / "pool.json")])

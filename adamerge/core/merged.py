@@ -33,10 +33,11 @@ block of the output in cache while the T rows of τ stream past it, and converts
 block by block instead of into a float32 copy of the whole ``[T, *shape]`` stack."""
 
 
-def _blocks(n: int, device: torch.device) -> list[slice]:
-    if device.type != "cpu" or CPU_CHUNK <= 0 or n <= CPU_CHUNK:
+def _blocks(n: int, device: torch.device, size: int | None = None) -> list[slice]:
+    size = CPU_CHUNK if size is None else size
+    if device.type != "cpu" or size <= 0 or n <= size:
         return [slice(0, n)]
-    return [slice(s, min(s + CPU_CHUNK, n)) for s in range(0, n, CPU_CHUNK)]
+    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
 
 
 def merge_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -78,9 +79,10 @@ class _MergeTensor(torch.autograd.Function):
                 if into is not None:
                     into[0] = out
             out = out.view(-1)
-            if perm is not None:  # scattered segments: each block gathers its elements' coefficients
+            if perm is not None:  # scattered segments: every segment's merge of a block, then each element's own
                 for b, label in _labelled_blocks(perm, sizes, base.device):
-                    torch.add(flat[b].to(dtype), (cols[:, label] * rows[:, b].to(dtype)).sum(0), out=out[b])
+                    every = rows[:, b].t().to(dtype) @ cols  # [block, C]
+                    torch.add(flat[b].to(dtype), every.gather(1, label[:, None]).squeeze(1), out=out[b])
                 return out.view(base.shape).to(base.dtype)
             for c, seg in enumerate(_segments(sizes, flat.numel())):
                 w = cols[:, c]
@@ -101,7 +103,9 @@ class _MergeTensor(torch.autograd.Function):
             rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
             out = torch.zeros_like(weights, dtype=dtype)  # [T, C]
             for b, label in _labelled_blocks(ctx.perm, ctx.sizes, grad.device):
-                out.index_add_(1, label, rows[:, b].to(dtype) * flat[b])
+                # the block's gradient, in its elements' segment column: [block, C]
+                spread = torch.zeros(label.shape[0], out.shape[1], dtype=dtype, device=grad.device)
+                out.addmm_(rows[:, b].to(dtype), spread.scatter_(1, label[:, None], flat[b, None]))
             return out, *none
         if weights.dim() == 1 or ctx.sizes is not None:
             rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
@@ -128,7 +132,9 @@ def _labelled_blocks(perm: Tensor, sizes: tuple[int, ...], device: torch.device)
     sits at position ``perm[e]`` of the segments' order (labels computed per block: nothing
     model-sized is kept for them)."""
     ends = torch.tensor(list(itertools.accumulate(sizes)), device=device)
-    for b in _blocks(perm.numel(), device):
+    # a block's [block, C] products hold as many elements as its [T, block] rows of τ at C = T
+    per_block = max(1, CPU_CHUNK * 8 // max(8, len(sizes))) if CPU_CHUNK > 0 else 0
+    for b in _blocks(perm.numel(), device, per_block):
         yield b, torch.searchsorted(ends, perm[b].to(device, torch.long), right=True)
 
 
