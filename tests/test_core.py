@@ -278,10 +278,12 @@ def test_merge_tensor_matches_loop(monkeypatch, chunk):
 
 @pytest.mark.parametrize("chunk", [0, 7], ids=["one-call", "blocks-of-7"])
 @pytest.mark.parametrize("scattered", [False, True], ids=["contiguous", "scattered"])
-def test_merge_tensor_by_segments_matches_the_hand_merge(monkeypatch, chunk, scattered):
+@pytest.mark.parametrize("sizes", [(6, 7, 7), (4, 4, 4, 4, 4)], ids=["3-segments", "5-segments"])
+def test_merge_tensor_by_segments_matches_the_hand_merge(monkeypatch, chunk, scattered, sizes):
     """``partition:R``'s path (contiguous segments) and ``partition:R:random``'s and ``:atlas``'s
     (segments scattered by a permutation): one coefficient per task and segment (segments of 6, 7
-    and 7 elements across blocks of 7: no boundary aligned), against the per-element merge of
+    and 7 elements across blocks of 7: no boundary aligned; five segments for three tasks: the
+    scattered path's blocks of 12 without CPU blocks), against the per-element merge of
     ``Chunks.expand``, with a float64 gradient check."""
     import adamerge.core.merged
     from adamerge.core.granularity import Chunks
@@ -290,10 +292,9 @@ def test_merge_tensor_by_segments_matches_the_hand_merge(monkeypatch, chunk, sca
     gen = torch.Generator().manual_seed(2)
     tau = torch.randn(3, 4, 5, dtype=torch.float64, generator=gen)
     base = torch.randn(4, 5, dtype=torch.float64, generator=gen)
-    w = torch.randn(3, 3, dtype=torch.float64, generator=gen, requires_grad=True)
-    sizes = (6, 7, 7)
+    w = torch.randn(3, len(sizes), dtype=torch.float64, generator=gen, requires_grad=True)
     perm = torch.randperm(20, generator=gen).to(torch.int32) if scattered else None
-    per_element = Chunks(0, 3, list(sizes), perm).expand(w.detach()).reshape(3, 4, 5)
+    per_element = Chunks(0, len(sizes), list(sizes), perm).expand(w.detach()).reshape(3, 4, 5)
     merged = merge_tensor(w, tau, base, sizes, None, perm)
     assert torch.allclose(merged, base + (per_element * tau).sum(0), atol=1e-12)
     assert torch.autograd.gradcheck(lambda x: merge_tensor(x, tau, base, sizes, None, perm), (w,))

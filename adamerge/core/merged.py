@@ -33,11 +33,10 @@ block of the output in cache while the T rows of τ stream past it, and converts
 block by block instead of into a float32 copy of the whole ``[T, *shape]`` stack."""
 
 
-def _blocks(n: int, device: torch.device, size: int | None = None) -> list[slice]:
-    size = CPU_CHUNK if size is None else size
-    if device.type != "cpu" or size <= 0 or n <= size:
+def _blocks(n: int, device: torch.device) -> list[slice]:
+    if device.type != "cpu" or CPU_CHUNK <= 0 or n <= CPU_CHUNK:
         return [slice(0, n)]
-    return [slice(s, min(s + size, n)) for s in range(0, n, size)]
+    return [slice(s, min(s + CPU_CHUNK, n)) for s in range(0, n, CPU_CHUNK)]
 
 
 def merge_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -56,12 +55,14 @@ class _MergeTensor(torch.autograd.Function):
     ``w`` is ``[T]`` (one coefficient per task), ``[T, C]`` with ``sizes`` (one per task and
     contiguous segment of the flattened tensor: ``partition:R``; with ``perm``, element ``e``
     belongs to the segment holding position ``perm[e]``: ``partition:R:random`` and ``:atlas``),
-    or broadcastable to ``τ`` (element coefficients, masks). The first two are ``addmv`` over τ,
-    segment by segment, the third gathers each block's coefficients (no temporary delta tensor,
-    no ``[T, *shape]`` coefficient tensor; blocked on the CPU, see :data:`CPU_CHUNK`). Autograd's own ops would keep a converted copy of a bfloat16 τ alive
-    until the backward; this converts on the fly in both passes instead. The base gets no
-    gradient (it is a frozen buffer). ``into`` (a one-element list, or ``None``): the segment
-    paths write into ``into[0]`` when it fits and leave their output there for the next call.
+    or broadcastable to ``τ`` (element coefficients, masks). Whole tensors and contiguous
+    segments are ``addmv`` over τ; scattered segments take each block's product with every
+    segment's column, then each element's own. Neither forms a temporary delta tensor or a
+    ``[T, *shape]`` coefficient tensor (blocked on the CPU, see :data:`CPU_CHUNK`). Autograd's
+    own ops would keep a converted copy of a bfloat16 τ alive until the backward; this converts
+    on the fly in both passes instead. The base gets no gradient (it is a frozen buffer).
+    ``into`` (a one-element list, or ``None``): the first two paths write into ``into[0]`` when
+    it fits, else into new memory that they leave there for the next call.
     """
 
     @staticmethod
@@ -80,7 +81,7 @@ class _MergeTensor(torch.autograd.Function):
                     into[0] = out
             out = out.view(-1)
             if perm is not None:  # scattered segments: every segment's merge of a block, then each element's own
-                for b, label in _labelled_blocks(perm, sizes, base.device):
+                for b, label in _labelled_blocks(perm, sizes, tau.shape[0], base.device):
                     every = rows[:, b].t().to(dtype) @ cols  # [block, C]
                     torch.add(flat[b].to(dtype), every.gather(1, label[:, None]).squeeze(1), out=out[b])
                 return out.view(base.shape).to(base.dtype)
@@ -102,7 +103,7 @@ class _MergeTensor(torch.autograd.Function):
         if ctx.perm is not None:
             rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
             out = torch.zeros_like(weights, dtype=dtype)  # [T, C]
-            for b, label in _labelled_blocks(ctx.perm, ctx.sizes, grad.device):
+            for b, label in _labelled_blocks(ctx.perm, ctx.sizes, tau.shape[0], grad.device):
                 # the block's gradient, in its elements' segment column: [block, C]
                 spread = torch.zeros(label.shape[0], out.shape[1], dtype=dtype, device=grad.device)
                 out.addmm_(rows[:, b].to(dtype), spread.scatter_(1, label[:, None], flat[b, None]))
@@ -127,14 +128,20 @@ def _segments(sizes: tuple[int, ...] | None, n: int) -> list[slice]:
     return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
 
 
-def _labelled_blocks(perm: Tensor, sizes: tuple[int, ...], device: torch.device):
+def _labelled_blocks(perm: Tensor, sizes: tuple[int, ...], tasks: int, device: torch.device):
     """``(block, segment of each of its elements)`` over a flattened tensor whose element ``e``
     sits at position ``perm[e]`` of the segments' order (labels computed per block: nothing
-    model-sized is kept for them)."""
+    model-sized is kept for them). A block's ``[block, C]`` product holds at most
+    ``8 · CPU_CHUNK`` elements on the CPU, and elsewhere (or with ``CPU_CHUNK = 0``) at most
+    ``T · numel``, what per-element coefficients held: one block unless C > T."""
+    n, c = perm.numel(), len(sizes)
     ends = torch.tensor(list(itertools.accumulate(sizes)), device=device)
-    # a block's [block, C] products hold as many elements as its [T, block] rows of τ at C = T
-    per_block = max(1, CPU_CHUNK * 8 // max(8, len(sizes))) if CPU_CHUNK > 0 else 0
-    for b in _blocks(perm.numel(), device, per_block):
+    if device.type == "cpu" and CPU_CHUNK > 0:
+        per_block = max(1, CPU_CHUNK * 8 // max(8, c))
+    else:
+        per_block = n if c <= tasks else max(1, n * tasks // c)
+    for lo in range(0, n, per_block):
+        b = slice(lo, min(n, lo + per_block))
         yield b, torch.searchsorted(ends, perm[b].to(device, torch.long), right=True)
 
 
@@ -340,8 +347,8 @@ class MergedModel(nn.Module):
         ``masks`` (default ``self.masks``) maps a parameter name to a mask of its shape (shared by
         the tasks) or ``[T, *shape]`` (one per task); unlisted parameters are unmasked.
         ``reuse``: write each merged tensor into the memory the previous ``reuse`` call wrote
-        (kept by the model; tensors with whole-tensor or contiguous-partition coefficients and no
-        mask), instead of fresh memory, whose page faults cost about as much as the merge itself
+        (kept by the model; tensors with whole-tensor or partition coefficients and no mask),
+        instead of fresh memory, whose page faults cost about as much as the merge itself
         on a CPU (``benchmarks/merge_alloc.py``). That call's outputs are overwritten: the caller
         must no longer read them (a backward through a graph that saved one fails autograd's
         version check instead of giving a wrong gradient).
