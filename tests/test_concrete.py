@@ -36,15 +36,19 @@ def test_masked_merge_equals_the_hand_computation_and_only_masks_train(make_zoo,
     mm.coefficients.requires_grad_(False)
     shapes = {k: base[k].shape for k in mm.merge_keys}
     masks = ConcreteMasks(shapes, 2, per_task=True, seed=3)
+    gen = torch.Generator().manual_seed(4)  # not the global generator: the same logits in any test order
     with torch.no_grad():
         for p in masks.logits:
-            p.normal_()
+            p.copy_(torch.randn(p.shape, generator=gen))
     mm.add_masks(masks.double())
     frozen = masks.freeze(mode="sample")
     merged = mm.merged_parameters()
+    # the coefficients are float32 (a float32 base) cast to float64: 0.3 as float32, not 0.3
+    lam = mm.applied_coefficients().detach()[:, 0]
+    assert lam.dtype == torch.float64 and torch.all(lam == torch.tensor(0.3, dtype=torch.float32).double())
     for key in mm.merge_keys[:6]:
         taus = torch.stack([experts[t][key].double() - base[key].double() for t in experts])
-        hand = base[key].double() + (0.3 * taus * frozen[key].double()).sum(0)
+        hand = base[key].double() + (lam[:, None] * (taus * frozen[key].double()).flatten(1)).sum(0).view(base[key].shape)
         assert torch.allclose(merged[key], hand, atol=1e-10), key
     # gradients reach the mask logits and nothing else
     masks.unfreeze()

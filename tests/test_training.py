@@ -163,6 +163,29 @@ def test_objective_and_its_arguments_come_from_options(zoo_dir, tmp_path):
     assert results["options"]["objective_args"] == {"diversity": 0.5}
 
 
+@pytest.mark.parametrize("before", [False, True])
+def test_a_fit_leaves_the_callers_deterministic_setting_as_it_was(zoo_dir, tmp_path, monkeypatch, before):
+    """Lightning's ``deterministic=True`` would leave deterministic algorithms on in the caller's
+    process; a fit puts the setting (and ``CUBLAS_WORKSPACE_CONFIG``) back, and runs with it on."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    import adamerge.train.loop as loop
+
+    seen = []
+    evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", lambda *a, **k: seen.append(torch.are_deterministic_algorithms_enabled())
+                        or evaluate(*a, **k))
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(before)
+    try:
+        cfg = write_config(tmp_path, zoo_dir, **{"options.steps": 2})
+        assert main(["fit", "--config", str(cfg), "--no-progress"]) == 0
+        assert torch.are_deterministic_algorithms_enabled() is before
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+        assert seen and all(seen)  # the scores before and after training: deterministic
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
 def test_early_stop_ends_training_when_the_unlabeled_objective_settles_and_resumes_the_same(tiny_zoo_dir, tmp_path, monkeypatch):
     """``options.early_stop``: with a huge min_delta the rule fires at the first full pair of
     windows (step 2W = 8); a run cut at step 6 restores the recent losses from its checkpoint and

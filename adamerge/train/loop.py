@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 import sys
 import time
 import warnings
@@ -472,11 +473,37 @@ class DataFreeProblem:
     seed: int = 0
 
 
+@contextlib.contextmanager
+def _deterministic_mode_restored() -> Iterator[None]:
+    """Deterministic algorithms for the whole run, the scores before training included, then the
+    caller's setting back. Lightning's ``Trainer(deterministic=True)`` turns them on (and sets
+    ``CUBLAS_WORKSPACE_CONFIG``) for the whole process and leaves them on: a fit called from a
+    notebook or a test changed how the caller's later code computed, and a run's scores before
+    training depended on whether another run had come before it in the process."""
+    enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled, warn_only=warn_only)
+        if cublas is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = cublas
+
+
 def run_plan(plan) -> dict:
     """Run a checked plan's solver stages in order (data-free ones through ``Solver.solve``, data
     ones through Lightning) and write the run folder. Each finished stage saves the method state it
     produced, so a resumed plan continues at the first unfinished stage. Returns the results dict.
-    The plan (:class:`adamerge.plan.RunPlan`) has run every check; nothing is checked again here."""
+    The plan (:class:`adamerge.plan.RunPlan`) has run every check; nothing is checked again here.
+    The process's deterministic-algorithms setting is as before when it returns."""
+    with _deterministic_mode_restored():
+        return _run_plan(plan)
+
+
+def _run_plan(plan) -> dict:
     run, m, cfg, stages, plan_stages = plan.run, plan.method, plan.options, plan.solvers, plan.stages
     method, seed, resume, progress = plan.cfg["method"], plan.seed, plan.resume, plan.progress
     parts = plan.parts
