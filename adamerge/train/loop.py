@@ -483,6 +483,7 @@ def _deterministic_mode_restored() -> Iterator[None]:
     enabled, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     cublas = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     torch.use_deterministic_algorithms(True)
+    os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"  # what Lightning sets: cuBLAS refuses deterministic mode without it
     try:
         yield
     finally:
