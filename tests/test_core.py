@@ -320,11 +320,11 @@ def test_merge_into_kept_memory_writes_the_same_values_in_place():
 
 def test_reused_merged_parameters_are_equal_and_a_saved_overwritten_one_is_refused(make_zoo):
     """``merged_parameters(reuse=True)`` gives the fresh merge's values in the previous call's
-    memory (whole-tensor and contiguous-partition coefficients); a backward through a graph that
-    saved an output overwritten since fails autograd's version check."""
+    memory (whole-tensor, contiguous- and scattered-partition coefficients); a backward through a
+    graph that saved an output overwritten since fails autograd's version check."""
     model, base, experts = make_zoo("vit", 2)
     tv = TaskVectors.from_state_dicts(base, experts)
-    for spec in ("layer", "partition:3"):
+    for spec in ("layer", "partition:3", "partition:3:random"):
         mm = MergedModel(model, tv, spec, init=0.3)
         first = mm.merged_parameters(reuse=True)
         ptrs = {k: v.data_ptr() for k, v in first.items()}
