@@ -28,25 +28,16 @@ GRANULARITIES = "task,layer,partition:4,partition:4:random,partition:4:atlas"
 
 
 def worker(args: argparse.Namespace) -> dict:
-    import logging
-
     import adamerge  # noqa: F401  (makes torchvision/open_clip importable on CPU torch)
     import torch
+    from merge_overhead import _build_model  # this script's folder is on the worker's path
 
     from adamerge.core.merged import MergedModel
     from adamerge.core.task_vectors import TaskVectors
     from adamerge.memory import process_memory_mb
 
     torch.set_num_threads(args.threads)
-    if args.model == "vitb32":
-        import open_clip
-
-        logging.getLogger().setLevel(logging.ERROR)  # "no pretrained weights loaded" is intended
-        model = open_clip.create_model("ViT-B-32", pretrained=None).visual.eval()
-    else:
-        from adamerge.zoo.tiny import tiny_vit
-
-        model = tiny_vit(seed=0).eval()
+    model, _ = _build_model(args.model)
     gen = torch.Generator().manual_seed(0)
     base = {k: v.detach() for k, v in model.state_dict().items()}
     vectors = {k: 0.01 * torch.randn((args.tasks, *v.shape), generator=gen) for k, v in base.items()

@@ -100,8 +100,8 @@ class _MergeTensor(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, *none
         dtype = grad.dtype
+        rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)  # views
         if ctx.perm is not None:
-            rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
             out = torch.zeros_like(weights, dtype=dtype)  # [T, C]
             for b, label in _labelled_blocks(ctx.perm, ctx.sizes, tau.shape[0], grad.device):
                 # the block's gradient, in its elements' segment column: [block, C]
@@ -109,7 +109,6 @@ class _MergeTensor(torch.autograd.Function):
                 out.addmm_(rows[:, b].to(dtype), spread.scatter_(1, label[:, None], flat[b, None]))
             return out, *none
         if weights.dim() == 1 or ctx.sizes is not None:
-            rows, flat = tau.reshape(tau.shape[0], -1), grad.reshape(-1)
             segments = _segments(ctx.sizes, flat.numel())
             out = torch.zeros(len(segments), weights.shape[0], dtype=dtype, device=grad.device)  # [C, T]
             for c, seg in enumerate(segments):
